@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - virtual environment, install, `supcon compare` on the bundled digits
+#   make test   - virtual environment, install, ruff check + format check, pytest
+PY ?= python3
+VENV ?= .venv
+# The tested torch. Installed only when no torch is importable; a user's own torch (a CUDA build,
+# say) is kept: if the base interpreter already imports torch, the venv sees it.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint format bench clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "using the installed torch: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+		$(PY) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PY) -m venv $(VENV); \
+	fi
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/supcon compare --dataset digits --out runs/demo --overwrite
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	$(BIN)/python benchmarks/loss.py
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info

@@ -1,0 +1,166 @@
+"""Datasets in a registry. Each entry yields uint8 images [N, H, W, 3], int64 labels and class names.
+
+Images stay uint8 (4x smaller than float32) and batches are built by indexing the whole tensor;
+conversion to float and augmentation happen per batch on the training device.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from supcon.errors import UsageError
+from supcon.registry import Registry
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    train_x: torch.Tensor  # uint8 [N, H, W, C]
+    train_y: torch.Tensor  # int64 [N]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.train_x.shape[3])
+
+    def summary(self) -> str:
+        return (
+            f"{self.name}: {len(self.train_y)} train / {len(self.test_y)} test images, "
+            f"{self.image_size}x{self.image_size}x{self.channels}, {self.num_classes} classes"
+        )
+
+
+DATASETS: Registry[ImageDataset] = Registry("dataset")
+register_dataset = DATASETS.register
+
+
+def cache_root() -> Path:
+    """Where downloads and decoded caches go: $SUPCON_DATA or ~/.cache/supcon (never the data folder)."""
+    return Path(os.environ.get("SUPCON_DATA") or Path.home() / ".cache" / "supcon")
+
+
+def _from_arrays(name, x_train, y_train, x_test, y_test, classes) -> ImageDataset:
+    ds = ImageDataset(
+        name=name,
+        train_x=torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.uint8)),
+        train_y=torch.from_numpy(np.asarray(y_train, dtype=np.int64)),
+        test_x=torch.from_numpy(np.ascontiguousarray(x_test, dtype=np.uint8)),
+        test_y=torch.from_numpy(np.asarray(y_test, dtype=np.int64)),
+        classes=list(classes),
+    )
+    if ds.num_classes < 2:
+        raise UsageError(f"dataset {name!r} has {ds.num_classes} class; at least 2 are needed")
+    return ds
+
+
+@register_dataset("digits")
+def load_digits(
+    image_size: int | None = None, seed: int = 0, test_fraction: float = 0.25, **_
+) -> ImageDataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images; works offline).
+
+    Shown at 16x16 by default (nearest-neighbour, each pixel doubled): the seed's CNN needs at
+    least 10x10 pixels for its two valid convolutions and poolings. The train/test split is
+    stratified and fixed by ``seed``.
+    """
+    from sklearn.datasets import load_digits as _load
+    from sklearn.model_selection import train_test_split
+
+    bunch = _load()
+    x = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # [N, 8, 8] in 0..255
+    size = image_size or 16
+    if size % 8:
+        raise UsageError(f"digits can be shown at multiples of 8 pixels, got --image-size {size}")
+    x = x.repeat(size // 8, axis=1).repeat(size // 8, axis=2)
+    x = np.repeat(x[..., None], 3, axis=3)
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    return _from_arrays("digits", x_tr, y_tr, x_te, y_te, [str(c) for c in bunch.target_names])
+
+
+def _cifar(name: str, path: str | None, **_) -> ImageDataset:
+    from supcon.download import load_cifar
+
+    return _from_arrays(name, *load_cifar(name, root=cache_root(), path=Path(path) if path else None))
+
+
+@register_dataset("cifar10")
+def load_cifar10(path: str | None = None, **kw) -> ImageDataset:
+    """CIFAR-10, official python-format archive: downloaded (checksum-verified) or an extracted copy."""
+    return _cifar("cifar10", path)
+
+
+@register_dataset("cifar100")
+def load_cifar100(path: str | None = None, **kw) -> ImageDataset:
+    """CIFAR-100 (fine labels), official python-format archive: downloaded or an extracted copy."""
+    return _cifar("cifar100", path)
+
+
+@register_dataset("imagefolder")
+def load_folder(path: str | None = None, image_size: int | None = None, **_) -> ImageDataset:
+    """``PATH/train/<class>/*`` and ``PATH/test/<class>/*``; decoded once, cached outside PATH."""
+    from supcon.imagefolder import load_imagefolder
+
+    if not path:
+        raise UsageError("dataset 'imagefolder' needs --data PATH")
+    arrays = load_imagefolder(Path(path), image_size=image_size, cache_dir=cache_root())
+    return _from_arrays(Path(path).name or "imagefolder", *arrays)
+
+
+def _looks_like_cifar(path: Path) -> str | None:
+    for name, marker in (("cifar10", "batches.meta"), ("cifar100", "meta")):
+        for folder in (path, path / "cifar-10-batches-py", path / "cifar-100-python"):
+            if (folder / marker).is_file() and (folder / "test_batch").exists() == (name == "cifar10"):
+                return name
+    if path.is_file() and path.name.startswith("cifar-10-python"):
+        return "cifar10"
+    if path.is_file() and path.name.startswith("cifar-100-python"):
+        return "cifar100"
+    return None
+
+
+def load_dataset(name: str | None = None, path: str | None = None, **kwargs) -> ImageDataset:
+    """Load by registry name, or by ``path``: an image folder or an official CIFAR copy, recognised by its
+    files."""
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise UsageError(f"data path does not exist: {p}")
+        if name is None:
+            name = _looks_like_cifar(p) or "imagefolder"
+        return DATASETS.get(name)(path=str(p), **kwargs)
+    return DATASETS.get(name or "digits")(**kwargs)
+
+
+def split_validation(
+    x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Carve a stratified validation split from the training set (for model selection; the test set is
+    touched once, at the end)."""
+    if fraction <= 0:
+        return x, y, x[:0], y[:0]
+    g = torch.Generator().manual_seed(seed)
+    val_idx = []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        val_idx.append(idx[: max(1, round(len(idx) * fraction))])
+    val = torch.cat(val_idx).sort().values
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[val] = False
+    return x[keep], y[keep], x[val], y[val]

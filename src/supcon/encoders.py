@@ -1,0 +1,69 @@
+"""Encoders: image batch [B, C, H, W] -> feature vector [B, D], in a registry.
+
+Every encoder has ``feature_dim`` and ``forward_features`` (the representation that heads and
+evaluation use; for these models it is the same as ``forward``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from supcon.registry import Registry
+
+ENCODERS: Registry[nn.Module] = Registry("encoder")
+register_encoder = ENCODERS.register
+
+
+def build_encoder(name: str, **kwargs) -> nn.Module:
+    return ENCODERS.get(name)(**kwargs)
+
+
+def keras_init_(module: nn.Module) -> nn.Module:
+    """Initialise as Keras does: Glorot-uniform kernels, zero biases (matters for matching the seed)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
+@register_encoder("keras-cnn")
+class KerasCNN(nn.Module):
+    """The seed's encoder: Conv(32,3x3,valid)-ReLU-MaxPool2-Conv(64,3x3,valid)-ReLU-MaxPool2-Flatten-Dense.
+
+    314,432 parameters for 32x32x3 input and ``feature_dim=128``.
+    """
+
+    def __init__(self, in_channels: int = 3, image_size: int = 32, feature_dim: int = 128, **_):
+        super().__init__()
+        s1 = (image_size - 2) // 2
+        s2 = (s1 - 2) // 2
+        if s2 < 1:
+            raise ValueError(f"keras-cnn needs images of at least 10x10 pixels, got {image_size}")
+        self.conv1 = nn.Conv2d(in_channels, 32, 3)
+        self.conv2 = nn.Conv2d(32, 64, 3)
+        self.fc = nn.Linear(64 * s2 * s2, feature_dim)
+        # The second pooling floors: conv2 output rows/columns past 2*s2 are never read, so conv2 is
+        # only computed on the input window that produces the rows that are (14x14 of 15x15 at 32 px).
+        self._crop = 2 * s2 + 2
+        self.feature_dim = feature_dim
+        keras_init_(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        # max-pool then ReLU equals ReLU then max-pool (ReLU is monotone) and touches 4x fewer
+        # elements; the in-place ReLU is safe because max-pool's backward keeps its input, not its output.
+        x = F.max_pool2d(self.conv1(x), 2).relu_()
+        x = x[:, :, : self._crop, : self._crop]
+        x = F.max_pool2d(self.conv2(x), 2).relu_()
+        # Flatten in NHWC order, as Keras does: free for channels_last tensors (no copy).
+        return self.fc(x.permute(0, 2, 3, 1).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+
+# Registrations that live in their own modules (kept last: they import this module's registry).
+import supcon.resnet  # noqa: E402, F401

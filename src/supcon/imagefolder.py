@@ -1,0 +1,367 @@
+"""Image-folder datasets: ``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` decoded to uint8 arrays.
+
+``load_imagefolder`` returns ``(x_train, y_train, x_test, y_test, classes)``: uint8 images
+[N, H, W, 3] (RGB, NHWC), int64 labels [N], and the class names (label i is ``classes[i]``, the
+sorted names of the class folders under ``train``).
+
+Decoding tens of thousands of small files costs seconds, so the decoded arrays are cached in one
+``.npz`` file under ``<cache>/imagefolder/``, keyed by the folder's resolved path, every image's
+relative path, size and modification time, the requested image size and a format version: any
+added, removed or rewritten image, or another ``image_size``, means a fresh decode. The data
+folder itself is only read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import multiprocessing
+import os
+import sys
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from supcon.download import default_root, umask_mode
+from supcon.errors import UsageError
+
+RawSplit = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# Bump when the decoded pixels would differ for the same files (resize method, mode handling, ...),
+# so that caches written by an older version are not reused.
+FORMAT_VERSION = 1
+
+# Below this many images a worker pool costs more to start than it saves.
+_POOL_MIN_FILES = 4096
+_CHUNK = 512
+
+_File = tuple[str, str, int, int]  # absolute path, path relative to the data folder, size, mtime_ns
+
+
+def load_imagefolder(
+    path: str | os.PathLike[str],
+    *,
+    image_size: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+) -> RawSplit:
+    """Read an image folder, from the decode cache when nothing changed since the last read.
+
+    Every image must have the same size unless ``image_size`` is given, in which case each is resized
+    (bilinear, after a cheap power-of-two reduction for large images) to ``image_size`` x ``image_size``.
+    ``workers``: decode processes; None picks one a CPU (at most 8), 0 or 1 decodes in this process.
+    """
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
+        raise UsageError(f"image size must be a positive whole number of pixels, got {image_size!r}")
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise UsageError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise UsageError(
+            f"data path {root} is not a folder (expected {root}/train/<class>/ and {root}/test/<class>/)"
+        )
+    root = root.resolve()
+    classes = _classes(root)
+    train = [_list_class(root, "train", c) for c in classes]
+    test = [_list_class(root, "test", c) for c in classes]
+
+    cache_file = _cache_file(root, cache_dir, image_size, train, test)
+    cached = _read_cache(cache_file, classes)
+    if cached is not None:
+        return cached
+
+    files = [f for per_class in (*train, *test) for f in per_class]
+    x = _decode_all(files, image_size, progress=progress, workers=workers, desc=f"decoding {root.name}")
+    n_train = sum(len(c) for c in train)
+    y_train = np.repeat(np.arange(len(classes), dtype=np.int64), [len(c) for c in train])
+    y_test = np.repeat(np.arange(len(classes), dtype=np.int64), [len(c) for c in test])
+    out = (x[:n_train], y_train, x[n_train:], y_test, classes)
+    _write_cache(cache_file, root, out)
+    return out
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def _subfolders(folder: Path) -> list[str]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(e.name for e in it if _visible(e.name) and e.is_dir())
+    except OSError as e:
+        raise UsageError(f"cannot read folder {folder}: {e.strerror or e}") from None
+
+
+def _classes(root: Path) -> list[str]:
+    layout = f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image>"
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise UsageError(f"data folder {root} has no {split}/ subfolder; {layout}")
+    classes = _subfolders(root / "train")
+    if not classes:
+        raise UsageError(f"{root / 'train'} has no class folders; {layout}")
+    if len(classes) < 2:
+        raise UsageError(
+            f"{root / 'train'} has only one class folder ({classes[0]}); a classifier needs 2 or more"
+        )
+    test_classes = _subfolders(root / "test")
+    if test_classes != classes:
+        only_train = sorted(set(classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(classes))
+        diff = "; ".join(
+            f"only in {split}: {', '.join(names)}"
+            for split, names in (("train", only_train), ("test", only_test))
+            if names
+        )
+        raise UsageError(f"the class folders of {root / 'train'} and {root / 'test'} differ: {diff}")
+    return classes
+
+
+def _list_class(root: Path, split: str, cls: str) -> list[_File]:
+    """The class's images (sub-folders included), sorted, with the size and mtime the cache key uses."""
+    out: list[_File] = []
+
+    def scan(folder: str, rel: str) -> None:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            raise UsageError(f"cannot read folder {folder}: {e.strerror or e}") from None
+        for e in entries:
+            if not _visible(e.name):
+                continue
+            # Symlinked sub-folders are not followed: a link cycle would never end.
+            if e.is_dir(follow_symlinks=False):
+                scan(e.path, f"{rel}{e.name}/")
+            elif e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file():
+                st = e.stat()
+                out.append((e.path, rel + e.name, st.st_size, st.st_mtime_ns))
+
+    folder = root / split / cls
+    scan(str(folder), f"{split}/{cls}/")
+    if not out:
+        raise UsageError(f"class folder {folder} has no images ({' '.join(IMAGE_EXTENSIONS)})")
+    return out
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _cache_file(
+    root: Path,
+    cache_dir: str | os.PathLike[str] | None,
+    image_size: int | None,
+    train: list[list[_File]],
+    test: list[list[_File]],
+) -> Path:
+    base = Path(cache_dir).expanduser() if cache_dir is not None else default_root()
+    lines = [f"supcon imagefolder v{FORMAT_VERSION}", str(root), f"image_size={image_size}"]
+    lines += [f"{rel}\t{size}\t{mtime}" for per_class in (*train, *test) for _, rel, size, mtime in per_class]
+    key = hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    # The folder's own hash first, so a newer cache of the same folder can replace older ones.
+    folder_hash = hashlib.sha256(str(root).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return base / "imagefolder" / f"{folder_hash}-{key}.npz"
+
+
+def _read_cache(file: Path, classes: list[str]) -> RawSplit | None:
+    try:
+        # Our own handle: np.load leaks the one it opens when the file is not a valid archive.
+        with open(file, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+            x_train, y_train, x_test, y_test = (z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+            cached_classes = [str(c) for c in z["classes"]]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # unreadable (disk trouble, an older layout): decode again and overwrite it
+    ok = (
+        cached_classes == classes
+        and x_train.dtype == np.uint8
+        and x_test.dtype == np.uint8
+        and x_train.ndim == 4
+        and x_train.shape[1:] == x_test.shape[1:]
+        and x_train.shape[-1] == 3
+        and y_train.shape == (len(x_train),)
+        and y_test.shape == (len(x_test),)
+    )
+    if not ok:
+        return None
+    return x_train, y_train.astype(np.int64, copy=False), x_test, y_test.astype(np.int64, copy=False), classes
+
+
+def _write_cache(file: Path, data_root: Path, split: RawSplit) -> None:
+    """Best effort: a cache that can't be written costs the next run time, not this run its data."""
+    folder = file.parent
+    with contextlib.suppress(OSError):
+        if folder.resolve().is_relative_to(data_root):
+            warnings.warn(
+                f"not caching decoded images: cache folder {folder} is inside the data folder {data_root}",
+                stacklevel=3,
+            )
+            return
+    x_train, y_train, x_test, y_test, classes = split
+    tmp: Path | None = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{file.stem}.", suffix=".part", dir=folder)
+        tmp = Path(tmp_name)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(
+                f,
+                x_train=x_train,
+                y_train=y_train,
+                x_test=x_test,
+                y_test=y_test,
+                classes=np.array(classes, dtype=str),
+            )
+        os.chmod(tmp, umask_mode(0o666))
+        os.replace(tmp, file)
+        tmp = None
+    except OSError as e:
+        warnings.warn(f"could not cache decoded images in {folder}: {e.strerror or e}", stacklevel=3)
+        return
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    # Caches of earlier states of the same folder are dead weight (each can be hundreds of MB).
+    prefix = file.name.split("-", 1)[0] + "-"
+    for old in folder.glob(f"{prefix}*.npz"):
+        if old != file:
+            with contextlib.suppress(OSError):
+                old.unlink()
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _decode_all(
+    files: list[_File], image_size: int | None, *, progress: bool, workers: int | None, desc: str
+) -> np.ndarray:
+    from tqdm import tqdm
+
+    if image_size is not None:
+        h = w = image_size
+    else:
+        w, h = _image_size(files[0][0])
+    out = np.empty((len(files), h, w, 3), dtype=np.uint8)
+    paths = [f[0] for f in files]
+    # The first image sets the size when image_size is None; mismatches name it.
+    first = paths[0]
+    jobs = [
+        (start, paths[start : start + _CHUNK], h, w, image_size, first)
+        for start in range(0, len(paths), _CHUNK)
+    ]
+    n_workers = _worker_count(workers, len(paths))
+    with tqdm(total=len(paths), unit="img", desc=desc, disable=not progress) as bar:
+        if n_workers <= 1:
+            for start, chunk, *_ in jobs:
+                _decode_into(chunk, out[start : start + len(chunk)], image_size, first)
+                bar.update(len(chunk))
+            return out
+        # fork: the children only run Pillow and numpy, and start at once; spawn would re-import
+        # the caller's main module (torch included) in each of them.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+            pool = multiprocessing.get_context("fork").Pool(n_workers)
+        with pool:
+            for start, chunk, error in pool.imap_unordered(_decode_job, jobs):
+                if error is not None:
+                    raise UsageError(error)
+                out[start : start + len(chunk)] = chunk
+                bar.update(len(chunk))
+    return out
+
+
+def _worker_count(workers: int | None, n_files: int) -> int:
+    # Only where fork is the safe, cheap start method (see _decode_all); elsewhere decode in-process.
+    if sys.platform != "linux" or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    if workers is not None:
+        return max(1, int(workers))
+    if n_files < _POOL_MIN_FILES:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, 8))
+
+
+def _decode_job(job: tuple[int, list[str], int, int, int | None, str]) -> tuple[int, Any, str | None]:
+    start, paths, h, w, image_size, first = job
+    out = np.empty((len(paths), h, w, 3), dtype=np.uint8)
+    try:
+        _decode_into(paths, out, image_size, first)
+    except UsageError as e:
+        return start, None, str(e)
+    return start, out, None
+
+
+def _image_size(file: str) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(file) as im:
+            return im.size
+    except Exception as e:
+        raise UsageError(f"cannot decode image {file}: {_reason(e)}") from None
+
+
+def _reason(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _decode_into(paths: list[str], out: np.ndarray, image_size: int | None, first: str) -> None:
+    from PIL import Image
+
+    h, w = out.shape[1:3]
+    for i, file in enumerate(paths):
+        try:
+            with Image.open(file) as im:
+                if image_size is None and im.size != (w, h):
+                    raise UsageError(
+                        f"image {file} is {im.size[0]}x{im.size[1]} but {first} is {w}x{h}; "
+                        "pass --image-size N to resize every image to NxN"
+                    )
+                if im.format == "JPEG" and im.size != (w, h):
+                    # Lets libjpeg scale large images down by 1/2, 1/4 or 1/8 while decoding (never
+                    # below the target size): far fewer pixels to decode and resize.
+                    im.draft("RGB", (w, h))
+                rgb = _to_rgb(im)
+                if rgb.size != (w, h):
+                    rgb = rgb.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+                out[i] = np.asarray(rgb)
+        except UsageError:
+            raise
+        except Exception as e:
+            # Pillow raises many kinds (OSError, SyntaxError, ValueError, DecompressionBombError...).
+            raise UsageError(f"cannot decode image {file}: {_reason(e)}") from None
+
+
+def _to_rgb(im: Any) -> Any:
+    from PIL import Image
+
+    if im.mode == "RGB":
+        im.load()
+        return im
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        # 16-bit and float greyscale: Pillow's own conversion to 8 bits clips at 255 instead of
+        # scaling, which would turn most 16-bit images white.
+        a = np.asarray(im).astype(np.float64)
+        if a.size and a.max() > 255:
+            a = a * (255.0 / 65535.0)
+        grey = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
+    if im.mode == "P" and "transparency" in im.info:
+        # Straight to RGB, Pillow warns about palette transparency on every such image; through
+        # RGBA it does not, and the colours are the same (alpha is dropped either way).
+        im = im.convert("RGBA")
+    return im.convert("RGB")

@@ -1,0 +1,179 @@
+"""CIFAR ResNets (ResNet-18/34/50) as in the SupCon authors' ``resnet_big.py``.
+
+The CIFAR variant: a 3x3 stride-1 stem conv and no max-pool, so a 32x32 image reaches the last stage
+at 4x4. BasicBlock for 18/34, Bottleneck (expansion 4) for 50; global average pooling gives the
+representation, ``feature_dim = 8 * width * expansion`` (512 for ResNet-18, 2048 for ResNet-50 at
+the default width 64). ``width`` and ``blocks`` shrink the network for small CPU runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from supcon.encoders import register_encoder
+from supcon.errors import UsageError
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes * self.expansion:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes * self.expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * self.expansion),
+            )
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes * self.expansion:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes * self.expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * self.expansion),
+            )
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """Encoder: float ``[B, in_channels, H, W]`` -> ``[B, feature_dim]`` (after global average pooling).
+
+    ``width`` is the stem/first-stage channel count (stages have width x 1, 2, 4, 8); ``blocks`` the
+    number of blocks per stage (1 to 4 stages; fewer stages end the network earlier).
+    ``zero_init_residual`` sets each block's last BN gamma to 0 so blocks start as identities.
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        blocks: Sequence[int],
+        in_channels: int = 3,
+        width: int = 64,
+        zero_init_residual: bool = False,
+    ):
+        super().__init__()
+        blocks = tuple(int(b) for b in blocks)
+        if not 1 <= len(blocks) <= 4 or min(blocks) < 1:
+            raise UsageError(f"resnet blocks must be 1 to 4 positive counts per stage, got {blocks!r}")
+        if width < 1 or in_channels < 1:
+            raise UsageError(f"resnet width and in_channels must be positive, got {width}, {in_channels}")
+        self.blocks = blocks
+        self.width = width
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.in_planes = width
+        # Named layer1..layer4 as in resnet_big.py, so the authors' encoder weights load by name.
+        self.layers = [f"layer{i + 1}" for i in range(len(blocks))]
+        for i, (name, n) in enumerate(zip(self.layers, blocks, strict=True)):
+            setattr(self, name, self._make_stage(block, width * 2**i, n, stride=1 if i == 0 else 2))
+        self.feature_dim = self.in_planes
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, BasicBlock | Bottleneck):
+                    nn.init.zeros_(m.last_bn().weight)
+
+    def _make_stage(self, block: type[nn.Module], planes: int, n: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (n - 1):
+            layers.append(block(self.in_planes, planes, s))
+            self.in_planes = planes * block.expansion
+        return nn.Sequential(*layers)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        for name in self.layers:
+            out = getattr(self, name)(out)
+        return torch.flatten(self.avgpool(out), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+
+_DEPTHS = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+}
+
+
+def cifar_resnet(
+    depth: int,
+    in_channels: int = 3,
+    width: int = 64,
+    blocks: Sequence[int] | None = None,
+    zero_init_residual: bool = False,
+    **_,
+) -> CifarResNet:
+    """ResNet-``depth`` (18, 34 or 50); ``blocks`` overrides the per-stage block counts.
+
+    ``image_size`` and other encoder options are accepted and ignored (global pooling fits any size).
+    """
+    if depth not in _DEPTHS:
+        raise UsageError(f"unknown resnet depth {depth!r}; choose one of: {', '.join(map(str, _DEPTHS))}")
+    block, default_blocks = _DEPTHS[depth]
+    return CifarResNet(
+        block,
+        default_blocks if blocks is None else blocks,
+        in_channels=in_channels,
+        width=width,
+        zero_init_residual=zero_init_residual,
+    )
+
+
+@register_encoder("resnet18")
+def resnet18(**kwargs) -> CifarResNet:
+    return cifar_resnet(18, **kwargs)
+
+
+@register_encoder("resnet34")
+def resnet34(**kwargs) -> CifarResNet:
+    return cifar_resnet(34, **kwargs)
+
+
+@register_encoder("resnet50")
+def resnet50(**kwargs) -> CifarResNet:
+    return cifar_resnet(50, **kwargs)

@@ -1,0 +1,137 @@
+"""One rank of the two-process tests in test_loss_dist.py (gloo on 127.0.0.1, CPU).
+
+The cases are built from seeds on every rank, so the parent process can rebuild the full batch and
+compute the single-process loss to compare with.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+WORLD = 2
+
+
+@dataclass(frozen=True)
+class Case:
+    variant: str
+    mode: str  # "labels", "simclr" or "mask"
+    sizes: tuple[int, int]  # samples held by rank 0 and rank 1
+    chunk: int | None
+    dtype: torch.dtype = torch.float64
+    views: int = 2
+
+    @property
+    def id(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        sizes = f"{self.sizes[0]}+{self.sizes[1]}"
+        return f"{self.variant}-{self.mode}-{sizes}-chunk{self.chunk}-{dtype}-v{self.views}"
+
+
+def cases() -> list[Case]:
+    out = [
+        Case(variant, mode, sizes, chunk)
+        for variant in ("out", "in", "npairs")
+        for mode in ("labels", "simclr", "mask")
+        for sizes in ((5, 5), (3, 6))
+        for chunk in (None, 4)
+    ]
+    out += [
+        Case("out", "labels", (0, 7), None),
+        Case("in", "mask", (7, 0), 3),
+        Case("out", "labels", (8, 5), None, torch.float32),
+        Case("npairs", "labels", (6, 6), 5, torch.float32, views=1),
+        Case("out", "simclr", (4, 2), 2, views=3),
+    ]
+    return out
+
+
+def case_data(index: int, case: Case):
+    """Full-batch features [B, V, D] and labels (class ids, None or a [B, B] mask) of a case."""
+    gen = torch.Generator().manual_seed(1000 + index)
+    batch = sum(case.sizes)
+    features = torch.randn(batch, case.views, 8, generator=gen, dtype=torch.float64).to(case.dtype)
+    if case.mode == "labels":
+        labels = torch.randint(0, 3, (batch,), generator=gen)
+    elif case.mode == "mask":
+        labels = torch.rand(batch, batch, generator=gen) < 0.3
+        labels.fill_diagonal_(True)
+    else:
+        labels = None
+    return features, labels
+
+
+def local_part(case: Case, rank: int, features, labels):
+    start = sum(case.sizes[:rank])
+    stop = start + case.sizes[rank]
+    if labels is not None:
+        labels = labels[start:stop]  # mask rows: this rank's samples, columns: all samples
+    return features[start:stop], labels
+
+
+def ddp_data():
+    gen = torch.Generator().manual_seed(77)
+    x = torch.randn(12, 2, 6, generator=gen)
+    y = torch.randint(0, 3, (12,), generator=gen)
+    return x, y
+
+
+def ddp_model():
+    torch.manual_seed(5)
+    return torch.nn.Linear(6, 4)
+
+
+def run(rank: int, port: int, outdir: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    from supcon import dist as sdist
+    from supcon.loss import supcon_loss
+
+    results: dict = {"cases": {}}
+    for index, case in enumerate(cases()):
+        features, labels = local_part(case, rank, *case_data(index, case))
+        features = features.clone().requires_grad_(True)
+        loss = supcon_loss(features, labels, variant=case.variant, chunk_size=case.chunk, gather=True)
+        loss.backward()
+        results["cases"][case.id] = (loss.detach(), features.grad)
+
+    # The helpers on their own: rows of different lengths, gradients routed back to their owners.
+    x = torch.arange(3 * (rank + 1), dtype=torch.float64).reshape(rank + 1, 3).requires_grad_(True)
+    gathered = sdist.all_gather_with_grad(x)
+    weights = torch.arange(gathered.numel(), dtype=torch.float64).reshape(gathered.shape) * (rank + 1)
+    (gathered * weights).sum().backward()
+    results["helpers"] = {
+        "rank": sdist.rank(),
+        "world_size": sdist.world_size(),
+        "is_main": sdist.is_main(),
+        "is_dist": sdist.is_dist(),
+        "gathered": gathered.detach(),
+        "grad": x.grad,
+        "nograd": sdist.all_gather_nograd(torch.tensor([rank] * (2 - rank))),
+        "sum": sdist.all_reduce_sum(torch.tensor([1.0, rank])),
+        "sizes": sdist.all_gather_sizes(10 + rank),
+    }
+
+    # Training as the docstring says: DDP averages gradients, so the loss is scaled by the world size.
+    x, y = ddp_data()
+    half = x.shape[0] // WORLD
+    model = torch.nn.parallel.DistributedDataParallel(ddp_model())
+    feats = model(x[rank * half : (rank + 1) * half])
+    loss = supcon_loss(feats, y[rank * half : (rank + 1) * half], gather=True) * sdist.world_size()
+    loss.backward()
+    results["ddp"] = {name: p.grad for name, p in model.module.named_parameters()}
+
+    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()

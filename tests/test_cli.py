@@ -1,0 +1,109 @@
+"""The command line end to end on tiny runs (digits, 1-2 epochs), and its bad-input contract."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from supcon.cli import main
+
+TINY = ["--dataset", "digits", "--epochs", "2", "--batch-size", "128", "--quiet"]
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_compare_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["compare", *TINY, "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "cross-entropy" in stdout and "SupCon + frozen classifier" in stdout
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "results.json",
+        "report.md",
+        "curves.png",
+        "tsne.png",
+        "weights/ce.safetensors",
+        "weights/pretrain.safetensors",
+        "weights/linear.safetensors",
+    ):
+        assert (out / name).is_file(), name
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["phase"], m["epoch"]) for m in lines] == [
+        ("ce", 1),
+        ("ce", 2),
+        ("pretrain", 1),
+        ("pretrain", 2),
+        ("linear", 1),
+        ("linear", 2),
+    ]
+    results = json.loads((out / "results.json").read_text())
+    # 10 classes: even two epochs of training beat chance clearly
+    assert all(r["test_acc"] > 0.3 for r in results["rows"]), results["rows"]
+    # the weights load with weights_only semantics (safetensors) and eval reproduces the accuracy
+    code, stdout, err = run_cli(["eval", "--from", str(out), "--device", "cpu"], capsys)
+    assert code == 0, err
+    ce_acc = float(stdout.split("cross-entropy: ")[1].split("%")[0])
+    assert abs(ce_acc - 100 * results["rows"][0]["test_acc"]) < 1e-6
+
+
+def test_existing_run_folder_is_refused_then_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, _, err = run_cli(["train-ce", *TINY, "--out", str(out)], capsys)
+    assert code == 2 and "not empty" in err and "Traceback" not in err
+    code, _, err = run_cli(["train-ce", *TINY, "--out", str(out), "--overwrite"], capsys)
+    assert code == 2 and "not a supcon run folder" in err
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["compare", "--data", "/no/such/dir"], "does not exist"),
+        (["compare", "--dataset", "nope"], "unknown dataset 'nope'"),
+        (["compare", "--preset", "nope"], "unknown preset 'nope'"),
+        (["compare", "--epochs", "0"], "must be positive"),
+        (["compare", "--batch-size", "-3"], "must be positive"),
+        (["compare", "--encoder", "vgg"], "unknown encoder 'vgg'"),
+        (["compare", "--set", "pretrain.nope=1"], "pretrain.nope"),
+        (["eval", "--from", "/no/such/run"], "does not exist"),
+        (["compare", "--resume"], "--resume needs --out"),
+    ],
+)
+def test_bad_input_one_line_exit_2(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli([*args, "--quiet"] if args[0] != "eval" else args, capsys)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_python_dash_m_entry_point_and_help():
+    r = subprocess.run([sys.executable, "-m", "supcon", "compare", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for flag in (
+        "--preset",
+        "--dataset",
+        "--data",
+        "--epochs",
+        "--batch-size",
+        "--seed",
+        "--out",
+        "--overwrite",
+    ):
+        assert flag in r.stdout
+
+
+def test_readme_commands_exist():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "make demo" in readme and "make test" in readme

@@ -1,0 +1,109 @@
+"""torchrun with 2 CPU processes (gloo) trains exactly as one process on the whole batch."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ARGS = [
+    "pretrain",
+    "--dataset",
+    "digits",
+    "--batch-size",
+    "128",
+    "--epochs",
+    "2",
+    "--precision",
+    "fp32",
+    "--quiet",
+    "--seed",
+    "1",
+    "--set",
+    "loss.variant=out",
+    "--set",
+    "model.projection=mlp",
+    # SGD, not Adam: Adam's per-weight normalisation would hide a wrong gradient scale.
+    "--set",
+    "pretrain.optimizer=sgd",
+    "--lr",
+    "0.05",
+    # At the preset's temperature 0.05 rounding differences (the order of a sum) grow step by step;
+    # 0.5 keeps two epochs of one- and two-process training comparable at float tolerance.
+    "--temperature",
+    "0.5",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, nproc=2):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "supcon",
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SUPCON_DIST_TIMEOUT": "60"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def single(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "supcon", *args], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dist")
+    single([*ARGS, "--out", str(base / "one")])
+    torchrun([*ARGS, "--out", str(base / "two")])
+    return base
+
+
+def test_two_ranks_train_like_one_rank_with_the_full_batch(runs):
+    one = load_file(str(runs / "one/weights/pretrain.safetensors"))
+    two = load_file(str(runs / "two/weights/pretrain.safetensors"))
+    assert one.keys() == two.keys()
+    moved = 0.0
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+    init = torch.load(sorted((runs / "one/checkpoints").glob("pretrain-e*.pt"))[0], weights_only=False)
+    moved = max((init["model"][k] - one[k]).abs().max().item() for k in one)
+    assert moved > 1e-3  # training really changed the weights, so the comparison means something
+    # the loss per epoch (the global loss, logged by rank 0) agrees too
+    lines_one = (runs / "one/metrics.jsonl").read_text().splitlines()
+    lines_two = (runs / "two/metrics.jsonl").read_text().splitlines()
+    assert len(lines_one) == len(lines_two) == 2
+    for a, b in zip(lines_one, lines_two, strict=True):
+        la, lb = float(a.split('"loss": ')[1].split(",")[0]), float(b.split('"loss": ')[1].split(",")[0])
+        assert abs(la - lb) < 1e-4 * abs(la)
+
+
+def test_resume_under_two_ranks_continues_where_it_stopped(runs):
+    out = runs / "resumed"
+    r = torchrun([*ARGS, "--out", str(out), "--stop-after", "1"])
+    assert "progress saved" in r.stderr
+    torchrun([*ARGS, "--out", str(out), "--resume"])
+    a = load_file(str(runs / "two/weights/pretrain.safetensors"))
+    b = load_file(str(out / "weights/pretrain.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -1,0 +1,522 @@
+"""The SupCon loss against a loop reference written from the paper's equations (arXiv:2004.11362)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import supcon.loss as loss_mod
+from supcon.loss import SupConLoss, supcon_loss
+
+VARIANTS = ("out", "in", "npairs")
+
+
+# ---------------------------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_loss(features, labels=None, temperature=0.1, variant="out", normalize=True):
+    """Eq. 2 (L_out), eq. 3 (L_in) and tfa's npairs loss, one anchor at a time, in float64.
+
+    ``labels`` is None (SimCLR: positives are the same sample's other views), ``[B]`` class ids or a
+    ``[B, B]`` sample-level positive mask. Anchors without a positive are left out of the mean.
+    """
+    f = features.double()
+    if f.dim() == 2:
+        f = f.unsqueeze(1)
+    batch, views, _ = f.shape
+    rows = [f[b, v] for v in range(views) for b in range(batch)]
+    sample = [b for v in range(views) for b in range(batch)]
+    if normalize:
+        rows = [r / torch.clamp(r.norm(), min=1e-6) for r in rows]
+    z = torch.stack(rows)
+    s = z @ z.T / temperature  # s[i, j] = z_i . z_j / tau
+
+    def same(i, j):
+        if labels is None:
+            return sample[i] == sample[j]
+        if labels.dim() == 2:
+            return bool(labels[sample[i], sample[j]])
+        return bool(labels[sample[i]] == labels[sample[j]])
+
+    n = len(rows)
+    terms = []
+    for i in range(n):
+        if variant == "npairs":
+            # softmax cross-entropy over all rows (self included), targets uniform on {i} + P(i)
+            targets = [j for j in range(n) if j == i or same(i, j)]
+            log_denominator = torch.logsumexp(s[i], dim=0)
+            terms.append(-sum(s[i, j] - log_denominator for j in targets) / len(targets))
+            continue
+        others = [a for a in range(n) if a != i]  # A(i)
+        positives = [p for p in others if same(i, p)]  # P(i)
+        if not positives:
+            continue
+        log_denominator = torch.logsumexp(s[i, others], dim=0)
+        if variant == "out":
+            # -1/|P| sum_p log(exp(s_ip) / sum_a exp(s_ia))
+            terms.append(-sum(s[i, p] - log_denominator for p in positives) / len(positives))
+        else:
+            # -log(1/|P| sum_p exp(s_ip) / sum_a exp(s_ia)), the sum of exps as a log-sum-exp
+            log_ratios = torch.stack([s[i, p] - log_denominator for p in positives])
+            terms.append(-(torch.logsumexp(log_ratios, dim=0) - math.log(len(positives))))
+    if not terms:
+        return (z * 0).sum()
+    return sum(terms) / len(terms)
+
+
+def tfa_npairs_loss(features, labels, temperature):
+    """The seed's loss: tf.math.l2_normalize, logits = z z^T / tau, tfa.losses.npairs_loss."""
+    z = features * torch.rsqrt(torch.clamp((features * features).sum(1, keepdim=True), min=1e-12))
+    logits = z @ z.T / temperature
+    y = labels[:, None].to(logits.dtype)
+    y_true = (y == y.T).to(logits.dtype)
+    y_true = y_true / y_true.sum(1, keepdim=True)
+    # tf.nn.softmax_cross_entropy_with_logits(labels=y_true, logits=logits), then reduce_mean
+    return (-(y_true * F.log_softmax(logits, dim=1)).sum(1)).mean()
+
+
+def authors_supcon(features, labels, temperature, base_temperature=0.07):
+    """The authors' SupContrast SupConLoss (contrast_mode='all') on [B, V, D] normalised features."""
+    batch = features.shape[0]
+    mask = (labels[:, None] == labels[None, :]).float()
+    contrast_count = features.shape[1]
+    contrast_feature = torch.cat(torch.unbind(features, dim=1), dim=0)
+    anchor_dot_contrast = contrast_feature @ contrast_feature.T / temperature
+    logits_max, _ = torch.max(anchor_dot_contrast, dim=1, keepdim=True)
+    logits = anchor_dot_contrast - logits_max.detach()
+    mask = mask.repeat(contrast_count, contrast_count)
+    logits_mask = 1 - torch.eye(batch * contrast_count)
+    mask = mask * logits_mask
+    exp_logits = torch.exp(logits) * logits_mask
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    mean_log_prob_pos = (mask * log_prob).sum(1) / mask.sum(1)
+    return (-(temperature / base_temperature) * mean_log_prob_pos).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def make_labels(pattern: str, batch: int, gen: torch.Generator):
+    if pattern == "random":
+        return torch.randint(0, 3, (batch,), generator=gen)
+    if pattern == "equal":
+        return torch.full((batch,), 7)
+    if pattern == "distinct":
+        return torch.randperm(batch, generator=gen) * 5 - 3
+    if pattern == "simclr":
+        return None
+    if pattern == "mask":  # an asymmetric relation with a mostly-true diagonal
+        mask = torch.rand(batch, batch, generator=gen) < 0.4
+        mask.fill_diagonal_(True)
+        if batch > 1:
+            mask[0, 0] = False
+        return mask
+    raise AssertionError(pattern)
+
+
+def value_and_grad(fn, features):
+    x = features.detach().clone().requires_grad_(True)
+    out = fn(x)
+    (grad,) = torch.autograd.grad(out, x, allow_unused=True)
+    return out.detach(), torch.zeros_like(x) if grad is None else grad
+
+
+def assert_close(actual, expected, rtol, atol):
+    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=atol)
+
+
+SHAPES = [(1, 1), (1, 2), (5, 1), (6, 2), (4, 4), (12, 2)]
+PATTERNS = ["random", "equal", "distinct", "simclr", "mask"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize(("batch", "views"), SHAPES)
+def test_matches_reference_float64(variant, pattern, batch, views):
+    idx = SHAPES.index((batch, views)) + 7 * PATTERNS.index(pattern) + 31 * VARIANTS.index(variant)
+    gen = torch.Generator().manual_seed(idx)
+    dim = (3, 16, 5)[idx % 3]
+    temperature = (0.05, 0.1, 0.7)[idx % 3]
+    features = torch.randn(batch, views, dim, generator=gen, dtype=torch.float64)
+    labels = make_labels(pattern, batch, gen)
+
+    want, want_grad = value_and_grad(lambda x: reference_loss(x, labels, temperature, variant), features)
+    for chunk in (None, 1, 5):
+        got, got_grad = value_and_grad(
+            lambda x, c=chunk: supcon_loss(x, labels, temperature=temperature, variant=variant, chunk_size=c),
+            features,
+        )
+        assert got.dtype == torch.float64
+        assert_close(got, want, rtol=1e-10, atol=1e-10)
+        assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("pattern", ["random", "simclr", "mask"])
+def test_matches_reference_float32(variant, pattern):
+    gen = torch.Generator().manual_seed(3)
+    features = torch.randn(24, 2, 32, generator=gen)
+    labels = make_labels(pattern, 24, gen)
+    want, want_grad = value_and_grad(lambda x: reference_loss(x, labels, 0.1, variant), features.double())
+    for chunk in (None, 7):
+        got, got_grad = value_and_grad(
+            lambda x, c=chunk: supcon_loss(x, labels, temperature=0.1, variant=variant, chunk_size=c),
+            features,
+        )
+        assert got.dtype == torch.float32
+        assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("pattern", ["random", "simclr", "mask"])
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_gradcheck(variant, pattern, chunk):
+    gen = torch.Generator().manual_seed(11)
+    features = torch.randn(5, 2, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = make_labels(pattern, 5, gen)
+    assert torch.autograd.gradcheck(
+        lambda x: supcon_loss(x, labels, temperature=0.3, variant=variant, chunk_size=chunk), (features,)
+    )
+
+
+def test_npairs_equals_tfa_formula():
+    gen = torch.Generator().manual_seed(5)
+    features = torch.randn(64, 24, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 10, (64,), generator=gen)
+    want = tfa_npairs_loss(features, labels, 0.05)
+    got = supcon_loss(features, labels, temperature=0.05, variant="npairs")
+    assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # in float32 too, as the seed runs it
+    got32 = supcon_loss(features.float(), labels, temperature=0.05, variant="npairs")
+    assert_close(got32, want, rtol=1e-5, atol=1e-6)
+    # several views are flattened with their labels repeated
+    feats3 = torch.randn(16, 3, 8, generator=gen, dtype=torch.float64)
+    labels3 = torch.randint(0, 4, (16,), generator=gen)
+    flat = torch.cat(torch.unbind(feats3, dim=1))
+    want3 = tfa_npairs_loss(flat, labels3.repeat(3), 0.1)
+    assert_close(supcon_loss(feats3, labels3, variant="npairs"), want3, rtol=1e-12, atol=1e-12)
+
+
+def test_matches_authors_code_with_base_temperature():
+    gen = torch.Generator().manual_seed(6)
+    features = F.normalize(torch.randn(32, 2, 16, generator=gen), dim=-1)
+    labels = torch.randint(0, 4, (32,), generator=gen)
+    want = authors_supcon(features, labels, temperature=0.1)
+    got = supcon_loss(features, labels, temperature=0.1, base_temperature=0.07)
+    assert_close(got, want, rtol=1e-5, atol=1e-6)
+    plain = supcon_loss(features, labels, temperature=0.1)
+    assert_close(got, plain * (0.1 / 0.07), rtol=1e-6, atol=0)
+
+
+def test_simclr_mode_equals_identity_mask_and_distinct_labels():
+    gen = torch.Generator().manual_seed(8)
+    features = torch.randn(10, 2, 8, generator=gen)
+    for variant in VARIANTS:
+        a = supcon_loss(features, None, variant=variant)
+        b = supcon_loss(features, torch.eye(10, dtype=torch.bool), variant=variant)
+        c = supcon_loss(features, torch.arange(10), variant=variant)
+        assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert_close(a, c, rtol=1e-6, atol=1e-6)
+
+
+def test_mask_from_labels_equals_labels():
+    gen = torch.Generator().manual_seed(9)
+    features = torch.randn(20, 2, 8, generator=gen)
+    labels = torch.randint(0, 4, (20,), generator=gen)
+    mask = (labels[:, None] == labels[None, :]).float()  # numeric masks count non-zero entries
+    for variant in VARIANTS:
+        assert_close(
+            supcon_loss(features, mask, variant=variant),
+            supcon_loss(features, labels, variant=variant),
+            rtol=1e-6,
+            atol=1e-6,
+        )
+
+
+def test_labels_are_compared_not_used_as_indices():
+    gen = torch.Generator().manual_seed(10)
+    features = torch.randn(9, 2, 8, generator=gen)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 3])
+    relabelled = torch.tensor([-5, -5, 10**12, 10**12, 7, 7, 2, 2, 2])
+    for variant in VARIANTS:
+        assert_close(
+            supcon_loss(features, relabelled, variant=variant),
+            supcon_loss(features, labels, variant=variant),
+            rtol=0,
+            atol=0,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["out", "in"])
+def test_anchors_without_positives_are_left_out(variant):
+    gen = torch.Generator().manual_seed(12)
+    features = torch.randn(4, 16, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 2])  # only the first two anchors have a positive
+    z = F.normalize(features, dim=1)
+    s = z @ z.T / 0.1
+    # both anchors have exactly one positive, so L_out and L_in agree
+    terms = [torch.logsumexp(s[i, [a for a in range(4) if a != i]], 0) - s[i, 1 - i] for i in (0, 1)]
+    want = sum(terms) / 2
+    assert_close(supcon_loss(features, labels, variant=variant), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["out", "in"])
+@pytest.mark.parametrize(
+    ("shape", "labels"),
+    [((6, 8), torch.arange(6)), ((6, 8), None), ((1, 8), torch.tensor([3])), ((1, 1, 8), None)],
+)
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_no_positive_at_all_gives_zero_with_graph(variant, shape, labels, chunk):
+    features = torch.randn(*shape, requires_grad=True)
+    loss = supcon_loss(features, labels, variant=variant, chunk_size=chunk)
+    assert loss.item() == 0.0
+    assert loss.requires_grad
+    loss.backward()
+    assert torch.equal(features.grad, torch.zeros_like(features))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_single_sample(variant):
+    features = torch.randn(1, 2, 8, dtype=torch.float64)
+    want, want_grad = value_and_grad(lambda x: reference_loss(x, None, 0.1, variant), features)
+    got, got_grad = value_and_grad(lambda x: supcon_loss(x, variant=variant), features)
+    assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-12)
+    # one sample, one view: only npairs has a term (the anchor is its own target), equal to 0
+    one = supcon_loss(torch.randn(1, 8), torch.tensor([1]), variant=variant)
+    assert one.item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_huge_unnormalised_features_low_temperature(variant, dtype, chunk):
+    # |x| = 1e4, tau = 0.01: similarities reach 1e10, exp overflows and underflows everywhere
+    gen = torch.Generator().manual_seed(13)
+    features = F.normalize(torch.randn(8, 2, 16, generator=gen, dtype=torch.float64), dim=-1) * 1e4
+    labels = torch.tensor([0, 0, 1, 1, 2, 3, 3, 3])
+    want, want_grad = value_and_grad(
+        lambda x: reference_loss(x, labels, 0.01, variant, normalize=False), features
+    )
+    got, got_grad = value_and_grad(
+        lambda x: supcon_loss(
+            x, labels, temperature=0.01, variant=variant, normalize=False, chunk_size=chunk
+        ),
+        features.to(dtype),
+    )
+    assert torch.isfinite(got) and torch.isfinite(got_grad).all()
+    assert want.abs() > 1e8  # the case is as extreme as intended
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close(got, want, rtol=tol, atol=0)
+    # gradients: most entries are exact zeros or O(1e6); compare relative to the largest entry
+    scale = want_grad.abs().max()
+    assert_close(got_grad / scale, want_grad / scale, rtol=0, atol=tol * 10)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_zero_vectors(variant, chunk):
+    gen = torch.Generator().manual_seed(14)
+    features = torch.randn(6, 2, 8, generator=gen, dtype=torch.float64)
+    features[1, 0] = 0
+    features[4] = 0
+    labels = torch.tensor([0, 0, 1, 1, 0, 2])
+    want, want_grad = value_and_grad(lambda x: reference_loss(x, labels, 0.1, variant), features)
+    got, got_grad = value_and_grad(
+        lambda x: supcon_loss(x, labels, variant=variant, chunk_size=chunk), features
+    )
+    assert torch.isfinite(got) and torch.isfinite(got_grad).all()
+    assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert_close(got_grad, want_grad, rtol=1e-8, atol=1e-8)
+    # float32 too
+    got32, grad32 = value_and_grad(lambda x: supcon_loss(x, labels, variant=variant), features.float())
+    assert torch.isfinite(got32) and torch.isfinite(grad32).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_compute_in_float32(variant, dtype):
+    gen = torch.Generator().manual_seed(15)
+    features = torch.randn(16, 2, 32, generator=gen).to(dtype)
+    labels = torch.randint(0, 3, (16,), generator=gen)
+    got, got_grad = value_and_grad(
+        lambda x: supcon_loss(x, labels, variant=variant, temperature=0.05), features
+    )
+    assert got.dtype == torch.float32
+    assert got_grad.dtype == dtype and torch.isfinite(got_grad.float()).all()
+    # identical to the float32 computation on the same (exactly representable) values
+    want, want_grad = value_and_grad(
+        lambda x: supcon_loss(x, labels, variant=variant, temperature=0.05), features.float()
+    )
+    assert_close(got, want, rtol=0, atol=0)
+    assert_close(got_grad.float(), want_grad.to(dtype).float(), rtol=0, atol=0)
+    ref = reference_loss(features.double(), labels, 0.05, variant)
+    assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_bfloat16_runs_in_float32():
+    gen = torch.Generator().manual_seed(16)
+    lin = torch.nn.Linear(32, 16)
+    x = torch.randn(12, 2, 32, generator=gen)
+    labels = torch.randint(0, 3, (12,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = lin(x)
+        assert feats.dtype == torch.bfloat16
+        loss = supcon_loss(feats, labels)
+    assert loss.dtype == torch.float32
+    want = supcon_loss(feats.detach().float(), labels)
+    assert_close(loss, want, rtol=0, atol=0)
+    loss.backward()
+    assert torch.isfinite(lin.weight.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiled path
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("pattern", ["random", "simclr", "mask", "distinct"])
+def test_tiled_equals_dense_float32(variant, pattern):
+    gen = torch.Generator().manual_seed(17)
+    features = torch.randn(300, 2, 64, generator=gen)
+    labels = make_labels(pattern, 300, gen)
+    want, want_grad = value_and_grad(lambda x: supcon_loss(x, labels, variant=variant), features)
+    for chunk in (1, 64, 250, 600, 10_000):
+        got, got_grad = value_and_grad(
+            lambda x, c=chunk: supcon_loss(x, labels, variant=variant, chunk_size=c), features
+        )
+        assert_close(got, want, rtol=1e-5, atol=0)
+        # float32 gradients are differences of O(1/tau) terms: compare them as vectors
+        assert (got_grad - want_grad).norm() <= 1e-5 * want_grad.norm()
+
+
+def _saved_bytes(fn):
+    """Bytes of all tensors autograd keeps for the backward of ``fn()``."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tiled_path_keeps_linear_memory_for_backward(variant):
+    n, dim = 2048, 16
+    features = torch.randn(n, dim, requires_grad=True)
+    labels = torch.randint(0, 10, (n,))
+    _, dense = _saved_bytes(lambda: supcon_loss(features, labels, variant=variant))
+    out, tiled = _saved_bytes(lambda: supcon_loss(features, labels, variant=variant, chunk_size=128))
+    assert dense >= n * n * 4  # the dense path keeps the softmax
+    assert tiled < 64 * n * (dim + 8)  # a few [N, D] and [N] tensors, no [N, N] one
+    out.backward()
+    assert torch.isfinite(features.grad).all()
+
+
+def test_tiled_path_is_chosen_for_large_batches(monkeypatch):
+    chunks = []
+    apply = loss_mod._RowLogSumExp.apply
+
+    def spy(q, k, pairs, with_pos, chunk):
+        chunks.append(chunk)
+        return apply(q, k, pairs, with_pos, chunk)
+
+    monkeypatch.setattr(loss_mod._RowLogSumExp, "apply", spy)
+    features = torch.randn(100, 2, 8)
+    supcon_loss(features, None)
+    monkeypatch.setattr(loss_mod, "DENSE_MAX_PAIRS", 200 * 200 - 1)
+    monkeypatch.setattr(loss_mod, "TILE_PAIRS", 200 * 30)
+    supcon_loss(features, None)
+    supcon_loss(features, None, chunk_size=17)
+    assert chunks == [None, 30, 17]
+
+
+# ---------------------------------------------------------------------------------------------
+# API
+# ---------------------------------------------------------------------------------------------
+
+
+def test_module_wrapper_matches_function():
+    gen = torch.Generator().manual_seed(18)
+    features = torch.randn(10, 2, 8, generator=gen)
+    labels = torch.randint(0, 3, (10,), generator=gen)
+    criterion = SupConLoss(temperature=0.2, variant="in", chunk_size=4)
+    assert "temperature=0.2" in repr(criterion) and "'in'" in repr(criterion)
+    assert_close(
+        criterion(features, labels), supcon_loss(features, labels, temperature=0.2, variant="in"), 1e-6, 0
+    )
+    assert list(criterion.parameters()) == []
+
+
+def test_gather_without_process_group_is_a_no_op():
+    gen = torch.Generator().manual_seed(19)
+    features = torch.randn(10, 2, 8, generator=gen)
+    labels = torch.randint(0, 3, (10,), generator=gen)
+    assert_close(supcon_loss(features, labels, gather=True), supcon_loss(features, labels), 0, 0)
+
+
+def test_labels_on_another_dtype_and_shape_forms():
+    features = torch.randn(6, 2, 8)
+    a = supcon_loss(features, torch.tensor([0, 1, 0, 1, 1, 0], dtype=torch.int32))
+    b = supcon_loss(features, torch.tensor([0, 1, 0, 1, 1, 0]))
+    c = supcon_loss(features, torch.tensor([False, True, False, True, True, False]))
+    assert_close(a, b, 0, 0)
+    assert_close(a, c, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"features": torch.randn(8)}, ValueError, r"\[B, V, D\].*\[N, D\].*\(8,\)"),
+        ({"features": torch.randn(2, 2, 2, 2)}, ValueError, r"got shape \(2, 2, 2, 2\)"),
+        ({"features": torch.ones(4, 2, dtype=torch.long)}, TypeError, "floating-point"),
+        ({"features": [[1.0, 2.0]]}, TypeError, "torch.Tensor"),
+        ({"labels": torch.arange(5)}, ValueError, "5 entries but features hold 4 samples"),
+        ({"labels": torch.ones(4, 3)}, ValueError, r"\[B, B\] with B = 4.*\(4, 3\)"),
+        ({"labels": torch.ones(3, 4)}, ValueError, r"\[B, B\] with B = 4.*\(3, 4\)"),
+        ({"labels": torch.ones(4, 1)}, ValueError, r"\[B, B\].*\(4, 1\)"),
+        ({"labels": torch.ones(4, 4, 4)}, ValueError, r"\[B\] class ids or a \[B, B\]"),
+        ({"labels": torch.ones(4)}, TypeError, "integer class ids.*labels.long"),
+        ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0, got 0.0"),
+        ({"temperature": -1}, ValueError, "temperature must be"),
+        ({"temperature": float("nan")}, ValueError, "temperature must be"),
+        ({"variant": "mean"}, ValueError, "unknown variant 'mean'; valid variants: 'out', 'in', 'npairs'"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be None or an integer >= 1"),
+        ({"base_temperature": 0}, ValueError, "base_temperature must be"),
+    ],
+)
+def test_errors(kwargs, error, match):
+    args = {"features": torch.randn(4, 2, 8), "labels": torch.tensor([0, 1, 0, 1])}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        supcon_loss(args.pop("features"), args.pop("labels"), **args)
+
+
+def test_module_validates_options_early():
+    with pytest.raises(ValueError, match="valid variants"):
+        SupConLoss(variant="sum")
+    with pytest.raises(ValueError, match="temperature"):
+        SupConLoss(temperature=0)

@@ -1,0 +1,102 @@
+"""Checkpoints and resume: an interrupted run ends exactly where an uninterrupted one does."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from supcon.cli import main
+
+BASE = ["--dataset", "digits", "--batch-size", "128", "--precision", "fp32", "--quiet", "--seed", "3"]
+
+
+def cli(args):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    return e.value.code
+
+
+def assert_same_weights(a, b):
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] == wb[k]).all(), k  # bit-identical on the CPU
+
+
+def test_stop_after_then_resume_is_bit_identical(tmp_path, capsys):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert cli(["pretrain", *BASE, "--epochs", "3", "--out", str(straight)]) == 0
+    assert cli(["pretrain", *BASE, "--epochs", "3", "--out", str(resumed), "--stop-after", "1"]) == 0
+    assert "continue with" in capsys.readouterr().err
+    assert not (resumed / "weights" / "pretrain.safetensors").exists()
+    assert cli(["pretrain", *BASE, "--epochs", "3", "--out", str(resumed), "--resume"]) == 0
+    assert_same_weights(straight / "weights/pretrain.safetensors", resumed / "weights/pretrain.safetensors")
+    epochs = [line for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert len(epochs) == 3
+
+
+def test_sigterm_mid_run_saves_and_resumes_exactly(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = [
+        "train-ce",
+        "--dataset",
+        "digits",
+        "--batch-size",
+        "32",
+        "--precision",
+        "fp32",
+        "--seed",
+        "5",
+        "--epochs",
+        "3",
+    ]
+    assert cli([*args, "--quiet", "--out", str(straight)]) == 0
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "supcon", *args, "--out", str(resumed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    for line in p.stdout:  # wait until training is under way, then stop it
+        if "ce epoch 1/3" in line:
+            p.send_signal(signal.SIGTERM)
+            break
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "progress saved" in err
+    assert not (resumed / "weights" / "ce.safetensors").exists()
+    assert cli([*args, "--quiet", "--out", str(resumed), "--resume"]) == 0
+    assert_same_weights(straight / "weights/ce.safetensors", resumed / "weights/ce.safetensors")
+
+
+def test_resume_refuses_changed_config_and_bad_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(["pretrain", *BASE, "--epochs", "2", "--out", str(run), "--stop-after", "1"]) == 0
+    capsys.readouterr()
+    assert cli(["pretrain", *BASE, "--epochs", "2", "--out", str(run), "--resume", "--lr", "0.01"]) == 2
+    assert "pretrain.lr" in capsys.readouterr().err
+    ckpt = next((run / "checkpoints").glob("pretrain-e*.pt"))
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # truncated
+    assert cli(["pretrain", *BASE, "--epochs", "2", "--out", str(run), "--resume"]) == 2
+    assert "unreadable" in capsys.readouterr().err
+    ckpt.unlink()
+    assert cli(["pretrain", *BASE, "--epochs", "2", "--out", str(run), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_compare_resume_skips_finished_phases(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["compare", *BASE, "--epochs", "2", "--out", str(run)]
+    assert cli([*args, "--stop-after", "1"]) == 0  # stops the first phase (ce) after epoch 1
+    assert cli([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "SupCon + frozen classifier" in out
+    phases = [
+        line.split('"phase": "')[1].split('"')[0] for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert phases == ["ce", "ce", "pretrain", "pretrain", "linear", "linear"]
