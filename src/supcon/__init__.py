@@ -1,3 +1,18 @@
-"""supcon: supervised contrastive learning of image classifiers in PyTorch."""
+"""supcon: supervised contrastive learning (Khosla et al. 2020) of image classifiers in PyTorch.
+
+The loss is importable on its own (``from supcon import supcon_loss, SupConLoss``); the training
+experiments are behind :func:`run` (the same as the ``supcon`` command), imported on first use so
+that the loss alone stays light.
+"""
+
+from supcon.loss import SupConLoss, supcon_loss
 
 __version__ = "0.1.0"
+__all__ = ["SupConLoss", "run", "supcon_loss"]
+
+
+def run(command: str = "compare", preset: str = "keras-example", out=None, **kwargs) -> dict:
+    """Run an experiment (compare, train-ce, pretrain, linear); see :func:`supcon.experiments.run`."""
+    from supcon.experiments import run as _run
+
+    return _run(command, preset, out, **kwargs)

@@ -6,8 +6,6 @@ Ctrl-C mid-write never leaves a truncated checkpoint behind.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from supcon.errors import UsageError
-
-
-def atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from supcon.files import atomic_write
 
 
 def save_checkpoint(state: dict[str, Any], path: Path, keep: int = 2) -> None:

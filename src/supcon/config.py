@@ -188,13 +188,19 @@ def set_value(cfg: Config, assignment: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
-    data: dict[str, Any] = {}
-    node = data
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    _apply(cfg, data)
+    set_values(cfg, {key.strip(): value})
+
+
+def set_values(cfg: Config, overrides: dict[str, Any]) -> None:
+    """Apply ``{"section.key": value}`` overrides (values already typed)."""
+    for key, value in overrides.items():
+        data: dict[str, Any] = {}
+        node = data
+        parts = str(key).split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        _apply(cfg, data)
 
 
 def validate(cfg: Config) -> None:

@@ -6,7 +6,6 @@ conversion to float and augmentation happen per batch on the training device.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +48,6 @@ DATASETS: Registry[ImageDataset] = Registry("dataset")
 register_dataset = DATASETS.register
 
 
-def cache_root() -> Path:
-    """Where downloads and decoded caches go: $SUPCON_DATA or ~/.cache/supcon (never the data folder)."""
-    return Path(os.environ.get("SUPCON_DATA") or Path.home() / ".cache" / "supcon")
-
-
 def _from_arrays(name, x_train, y_train, x_test, y_test, classes) -> ImageDataset:
     ds = ImageDataset(
         name=name,
@@ -93,32 +87,34 @@ def load_digits(
     return _from_arrays("digits", x_tr, y_tr, x_te, y_te, [str(c) for c in bunch.target_names])
 
 
-def _cifar(name: str, path: str | None, **_) -> ImageDataset:
+def _cifar(name: str, path: str | None, progress: bool = True) -> ImageDataset:
     from supcon.download import load_cifar
 
-    return _from_arrays(name, *load_cifar(name, root=cache_root(), path=Path(path) if path else None))
+    return _from_arrays(name, *load_cifar(name, path=Path(path) if path else None, progress=progress))
 
 
 @register_dataset("cifar10")
-def load_cifar10(path: str | None = None, **kw) -> ImageDataset:
+def load_cifar10(path: str | None = None, progress: bool = True, **_) -> ImageDataset:
     """CIFAR-10, official python-format archive: downloaded (checksum-verified) or an extracted copy."""
-    return _cifar("cifar10", path)
+    return _cifar("cifar10", path, progress)
 
 
 @register_dataset("cifar100")
-def load_cifar100(path: str | None = None, **kw) -> ImageDataset:
+def load_cifar100(path: str | None = None, progress: bool = True, **_) -> ImageDataset:
     """CIFAR-100 (fine labels), official python-format archive: downloaded or an extracted copy."""
-    return _cifar("cifar100", path)
+    return _cifar("cifar100", path, progress)
 
 
 @register_dataset("imagefolder")
-def load_folder(path: str | None = None, image_size: int | None = None, **_) -> ImageDataset:
+def load_folder(
+    path: str | None = None, image_size: int | None = None, progress: bool = True, **_
+) -> ImageDataset:
     """``PATH/train/<class>/*`` and ``PATH/test/<class>/*``; decoded once, cached outside PATH."""
     from supcon.imagefolder import load_imagefolder
 
     if not path:
         raise UsageError("dataset 'imagefolder' needs --data PATH")
-    arrays = load_imagefolder(Path(path), image_size=image_size, cache_dir=cache_root())
+    arrays = load_imagefolder(Path(path), image_size=image_size, progress=progress)
     return _from_arrays(Path(path).name or "imagefolder", *arrays)
 
 

@@ -35,6 +35,7 @@ from typing import IO, Any
 import numpy as np
 
 from supcon.errors import UsageError
+from supcon.files import umask_mode
 
 RawSplit = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]
 
@@ -235,17 +236,6 @@ def _stem(name: str) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name + ".d"
-
-
-def umask_mode(mode: int) -> int:
-    """``mode`` less the process umask: what a plain ``open``/``mkdir`` would have given.
-
-    tempfile makes private (0600/0700) files and folders; renamed into a shared cache as they are,
-    other users of that cache could not read them.
-    """
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return mode & ~umask
 
 
 def _mkdir(root: Path) -> None:

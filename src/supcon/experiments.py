@@ -39,10 +39,10 @@ from supcon.train import (
 )
 
 
-def load_data(cfg: Config, rt) -> tuple[ImageDataset, Split]:
+def load_data(cfg: Config, rt, progress: bool = True) -> tuple[ImageDataset, Split]:
     """The dataset and its train/validation split; sets the runtime's input normalisation if asked."""
     d = cfg.data
-    data = load_dataset(d.dataset, d.path, image_size=d.image_size, seed=cfg.seed)
+    data = load_dataset(d.dataset, d.path, image_size=d.image_size, seed=cfg.seed, progress=progress)
     split = Split(*split_validation(data.train_x, data.train_y, d.val_fraction, cfg.seed))
     if d.normalize:
         rt.mean, rt.std = channel_stats(split.train_x)
@@ -185,7 +185,7 @@ def finish(ctx: RunContext, data: ImageDataset, title: str, rows: list[dict], en
         return results
     run_dir = ctx.run_dir
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-    images = []
+    images = [run_dir / "views.png"] if (run_dir / "views.png").is_file() else []
     curves = plot_curves(read_metrics(run_dir), run_dir / "curves.png")
     if curves:
         images.append(curves)
@@ -213,7 +213,7 @@ def finish(ctx: RunContext, data: ImageDataset, title: str, rows: list[dict], en
 
 def compare(ctx: RunContext) -> dict:
     """The seed's two experiments: cross-entropy baseline vs contrastive pre-training + frozen classifier."""
-    data, split = load_data(ctx.cfg, ctx.rt)
+    data, split = load_data(ctx.cfg, ctx.rt, ctx.progress and dist.is_main())
     if dist.is_main():
         print(f"{data.summary()} | {ctx.rt.describe()} | run folder {ctx.run_dir}", flush=True)
     ce = run_ce(ctx, data, split)
@@ -237,7 +237,7 @@ def compare(ctx: RunContext) -> dict:
 
 
 def train_ce_only(ctx: RunContext) -> dict:
-    data, split = load_data(ctx.cfg, ctx.rt)
+    data, split = load_data(ctx.cfg, ctx.rt, ctx.progress and dist.is_main())
     ce = run_ce(ctx, data, split)
     rows = [_row(ctx, "cross-entropy", ce, data, ["ce"])]
     return finish(
@@ -250,7 +250,7 @@ def train_ce_only(ctx: RunContext) -> dict:
 
 
 def pretrain_only(ctx: RunContext) -> dict:
-    data, split = load_data(ctx.cfg, ctx.rt)
+    data, split = load_data(ctx.cfg, ctx.rt, ctx.progress and dist.is_main())
     pre = run_pretrain(ctx, data, split)
     bank = extract_features(pre.encoder, split.train_x, ctx.rt)
     test = extract_features(pre.encoder, data.test_x, ctx.rt)
@@ -271,7 +271,7 @@ def pretrain_only(ctx: RunContext) -> dict:
 
 def linear_only(ctx: RunContext, from_dir: Path) -> dict:
     """Classifier on the frozen encoder of a finished pre-training run."""
-    data, split = load_data(ctx.cfg, ctx.rt)
+    data, split = load_data(ctx.cfg, ctx.rt, ctx.progress and dist.is_main())
     weights = from_dir / "weights" / "pretrain.safetensors"
     enc = make_encoder(ctx.cfg, data)
     model = ContrastiveModel(enc, make_projection(ctx.cfg, enc.feature_dim))
@@ -329,4 +329,51 @@ def evaluate_run(cfg: Config, run_dir: Path, device: str = "auto") -> list[dict]
     return out
 
 
-__all__ = ["compare", "evaluate_run", "linear_only", "open_run", "pretrain_only", "table", "train_ce_only"]
+def run(
+    command: str = "compare",
+    preset: str = "keras-example",
+    out: str | Path | None = None,
+    *,
+    overrides: dict | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    from_dir: str | Path | None = None,
+) -> dict:
+    """The command line's experiments from Python. ``overrides`` maps dotted keys to values::
+
+        run("compare", "keras-example", "runs/demo",
+            overrides={"data.dataset": "digits", "ce.epochs": 5, "pretrain.epochs": 5, "linear.epochs": 5})
+
+    Returns the results dict (also written to ``<out>/results.json``).
+    """
+    from supcon.config import load_preset, set_values
+
+    cfg = load_preset(preset)
+    set_values(cfg, overrides or {})
+    run_dir = Path(out) if out is not None else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    ctx = open_run(cfg, run_dir, overwrite=overwrite, resume=resume, progress=progress)
+    with ctx.stop:
+        if command == "compare":
+            return compare(ctx)
+        if command == "train-ce":
+            return train_ce_only(ctx)
+        if command == "pretrain":
+            return pretrain_only(ctx)
+        if command == "linear":
+            if from_dir is None:
+                raise UsageError("linear needs from_dir (a finished pre-training run)")
+            return linear_only(ctx, Path(from_dir))
+    raise UsageError(f"unknown command {command!r}; choose one of: compare, train-ce, pretrain, linear")
+
+
+__all__ = [
+    "compare",
+    "evaluate_run",
+    "linear_only",
+    "open_run",
+    "pretrain_only",
+    "run",
+    "table",
+    "train_ce_only",
+]

@@ -18,7 +18,6 @@ import hashlib
 import multiprocessing
 import os
 import sys
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -26,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from supcon.download import default_root, umask_mode
+from supcon.download import default_root
 from supcon.errors import UsageError
+from supcon.files import atomic_write
 
 RawSplit = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]
 
@@ -211,12 +211,9 @@ def _write_cache(file: Path, data_root: Path, split: RawSplit) -> None:
             )
             return
     x_train, y_train, x_test, y_test, classes = split
-    tmp: Path | None = None
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{file.stem}.", suffix=".part", dir=folder)
-        tmp = Path(tmp_name)
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
             np.savez(
                 f,
                 x_train=x_train,
@@ -225,15 +222,12 @@ def _write_cache(file: Path, data_root: Path, split: RawSplit) -> None:
                 y_test=y_test,
                 classes=np.array(classes, dtype=str),
             )
-        os.chmod(tmp, umask_mode(0o666))
-        os.replace(tmp, file)
-        tmp = None
+
+    try:
+        atomic_write(file, write)
     except OSError as e:
         warnings.warn(f"could not cache decoded images in {folder}: {e.strerror or e}", stacklevel=3)
         return
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
     # Caches of earlier states of the same folder are dead weight (each can be hundreds of MB).
     prefix = file.name.split("-", 1)[0] + "-"
     for old in folder.glob(f"{prefix}*.npz"):

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from supcon import dist
-from supcon.augment import AugmentConfig, BatchAugment
+from supcon.augment import AugmentConfig, BatchAugment, save_view_grid
 from supcon.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from supcon.config import Config, PhaseConfig
 from supcon.datasets import ImageDataset
@@ -359,6 +359,8 @@ def fit(
             record["train_acc"] = round(totals[1].item() / totals[2].item(), 6)
         record["lr"] = sched.get_last_lr()[0]
         record["seconds"] = round(seconds, 3)
+        if rt.device.type == "cuda":
+            record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 3)
         if on_epoch_end is not None:
             record.update(on_epoch_end(epoch + 1))
         history.append(record)
@@ -509,6 +511,10 @@ def pretrain(ctx: RunContext, data: ImageDataset, split: Split) -> ContrastiveMo
     net = wrap_ddp(model, ctx)
     augment = make_augment(pcfg.augment, rt)
     views = pcfg.views
+    if augment is not None and dist.is_main():
+        # A look at what the encoder is trained on: originals and their augmented views.
+        pick = torch.randperm(len(split.train_y), generator=torch.Generator().manual_seed(cfg.seed))[:8]
+        save_view_grid(split.train_x[pick], ctx.run_dir / "views.png", views=max(views, 4), augment=augment)
     use_labels = cfg.loss.method == "supcon"
 
     def step(idx, g):
