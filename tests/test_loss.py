@@ -14,6 +14,16 @@ from supcon.loss import SupConLoss, supcon_loss
 VARIANTS = ("out", "in", "npairs")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tensors here are small: extra threads only add synchronisation, which on a machine busy
+    # with other work costs far more than the arithmetic (many seconds instead of a few).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------
 # References
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +410,7 @@ def test_tiled_equals_dense_float32(variant, pattern):
     features = torch.randn(300, 2, 64, generator=gen)
     labels = make_labels(pattern, 300, gen)
     want, want_grad = value_and_grad(lambda x: supcon_loss(x, labels, variant=variant), features)
-    for chunk in (1, 64, 250, 600, 10_000):
+    for chunk in (97, 250, 600, 10_000):  # uneven last tile, two tiles, one tile, oversized
         got, got_grad = value_and_grad(
             lambda x, c=chunk: supcon_loss(x, labels, variant=variant, chunk_size=c), features
         )

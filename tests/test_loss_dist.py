@@ -24,6 +24,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # small tensors: threads only add synchronisation (slow on a machine busy with other work)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("dist")

@@ -131,8 +131,7 @@ class _RowLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, pairs: _Pairs, with_pos: bool, chunk: int | None):
         m = q.shape[0]
-        lse = q.new_empty(m)
-        lse_pos = q.new_empty(m if with_pos else 0)
+        lse = lse_pos = q.new_empty(0)
         probs: tuple[torch.Tensor, ...] = ()
         if chunk is None:
             if m > 0:
@@ -143,6 +142,8 @@ class _RowLogSumExp(torch.autograd.Function):
                 lse = _logsumexp_(s, probs=True)
                 probs = (s, s_pos) if with_pos else (s,)
         else:
+            lse = q.new_empty(m)
+            lse_pos = q.new_empty(m if with_pos else 0)
             for r0 in range(0, m, chunk):
                 r1 = min(m, r0 + chunk)
                 s = pairs.logits(q, k, r0, r1)
@@ -331,7 +332,8 @@ def supcon_loss(
             views of its own sample); or a ``[B, B]`` positive mask, ``mask[i, j]`` true (non-zero)
             when sample ``j`` counts as "same" as sample ``i`` (it may be asymmetric). The mask acts
             on samples: view pairs inherit it, so keep the diagonal true for a sample's own views to
-            be positives. ``labels`` and ``eye(B)`` give the same loss as class ids and ``None``.
+            be positives. The mask ``y[:, None] == y[None, :]`` gives the same loss as the class ids
+            ``y``, and ``eye(B)`` the same as ``None``.
         temperature: ``tau`` > 0.
         variant: ``"out"`` (eq. 2, default), ``"in"`` (eq. 3) or ``"npairs"`` (tfa's npairs_loss).
         normalize: L2-normalise the features along ``D`` first (``x / max(|x|, 1e-6)``, as
@@ -355,8 +357,9 @@ def supcon_loss(
         ValueError: wrong shapes, unknown variant, non-positive temperature or chunk size.
 
     Across processes (``gather=True``): every rank computes the terms ``l_i`` of its own anchors
-    against the keys of all ranks, in any order of local batch sizes (ranks may hold different
-    ``B``; ``V`` and ``D`` must agree). The value returned on every rank is the global loss: the
+    against the keys of all ranks (ranks may hold different ``B``; ``V`` and ``D`` must agree).
+    Every rank must call the loss (and its backward): both hold collectives. The value returned on
+    every rank is the global loss: the
     mean over all ranks' anchors, exactly the single-process loss of the concatenated batch. Its
     gradient on each rank is that of the local anchors' share of that mean; the gather's backward
     sums the key gradients of all ranks back to their owners, so each rank's features receive
@@ -398,7 +401,7 @@ def supcon_loss(
         m, n = z.shape[0], keys.shape[0]
         q = z / temperature
         if mode == "labels":
-            k_labels = labels.repeat(views)
+            k_labels = labels.repeat(views) if views > 1 else labels
             if gather:
                 k_labels = _dist.all_gather_nograd(k_labels, [views * s for s in sizes])
             classes, k_cls = torch.unique(k_labels, return_inverse=True)
@@ -441,7 +444,7 @@ def supcon_loss(
 
         if variant == "npairs":  # every anchor is its own target
             local = (lse - pos_dot / count).sum()
-            n_valid = torch.tensor(float(m), dtype=dtype, device=device)
+            n_valid = float(m)
         else:
             valid = count > 0
             safe_count = count.clamp_min(1)
@@ -451,9 +454,12 @@ def supcon_loss(
             local = torch.where(valid, per_anchor, 0.0).sum()
             n_valid = valid.sum().to(dtype)
         if gather:
-            totals = _dist.all_reduce_sum(torch.stack([local.detach(), n_valid]))
+            mine = torch.stack([local.detach(), torch.as_tensor(n_valid, dtype=dtype, device=device)])
+            totals = _dist.all_reduce_sum(mine)
             denom = totals[1].clamp_min(1)
             loss = local / denom + (totals[0] - local.detach()) / denom
+        elif isinstance(n_valid, float):
+            loss = local / max(n_valid, 1.0)
         else:
             loss = local / n_valid.clamp_min(1)
         if base_temperature is not None:
