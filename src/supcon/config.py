@@ -233,5 +233,13 @@ def validate(cfg: Config) -> None:
         raise UsageError(
             f"model.classifier must be one of: dropout-dense, linear; got {cfg.model.classifier!r}"
         )
+    # Imported here, not at the top: the config module stays free of torch models.
+    from supcon.encoders import ENCODERS
+    from supcon.optim import OPTIMIZERS
+
+    # Unknown names fail now, listing the valid ones, before any data is loaded.
+    ENCODERS.get(cfg.model.encoder)
+    for phase in PHASES:
+        OPTIMIZERS.get(getattr(cfg, phase).optimizer)
     if cfg.model.projection not in ("none", "linear", "mlp"):
         raise UsageError(f"model.projection must be one of: linear, mlp, none; got {cfg.model.projection!r}")
