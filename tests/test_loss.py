@@ -14,14 +14,7 @@ from supcon.loss import SupConLoss, supcon_loss
 VARIANTS = ("out", "in", "npairs")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are small: extra threads only add synchronisation, which on a machine busy
-    # with other work costs far more than the arithmetic (many seconds instead of a few).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,10 @@ import torch.multiprocessing as mp
 import _dist_worker as worker  # tests/ is on sys.path under pytest, and spawn passes it on
 from supcon.loss import supcon_loss
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 TIMEOUT_S = 120
 
@@ -22,15 +25,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: threads only add synchronisation (slow on a machine busy with other work)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
