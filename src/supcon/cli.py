@@ -238,14 +238,7 @@ def _train(args: argparse.Namespace, cfg: Config, run_dir: Path, device: str) ->
     )
     try:
         with ctx.stop:
-            if args.command == "compare":
-                results = ex.compare(ctx)
-            elif args.command == "train-ce":
-                results = ex.train_ce_only(ctx)
-            elif args.command == "pretrain":
-                results = ex.pretrain_only(ctx)
-            else:
-                results = ex.linear_only(ctx, args.from_dir)
+            results = ex.run_command(ctx, args.command, getattr(args, "from_dir", None))
     except Interrupted as stop:
         if not dist.is_main():
             return 0

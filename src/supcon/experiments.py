@@ -49,6 +49,10 @@ def load_data(cfg: Config, rt, progress: bool = True) -> tuple[ImageDataset, Spl
     return data, split
 
 
+def _load(ctx: RunContext) -> tuple[ImageDataset, Split]:
+    return load_data(ctx.cfg, ctx.rt, ctx.progress and dist.is_main())
+
+
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean/std (in [0, 1] units) of uint8 images [N, H, W, C]."""
     x = images.reshape(-1, images.shape[-1])
@@ -213,7 +217,7 @@ def finish(ctx: RunContext, data: ImageDataset, title: str, rows: list[dict], en
 
 def compare(ctx: RunContext) -> dict:
     """The seed's two experiments: cross-entropy baseline vs contrastive pre-training + frozen classifier."""
-    data, split = load_data(ctx.cfg, ctx.rt, ctx.progress and dist.is_main())
+    data, split = _load(ctx)
     if dist.is_main():
         print(f"{data.summary()} | {ctx.rt.describe()} | run folder {ctx.run_dir}", flush=True)
     ce = run_ce(ctx, data, split)
@@ -237,7 +241,7 @@ def compare(ctx: RunContext) -> dict:
 
 
 def train_ce_only(ctx: RunContext) -> dict:
-    data, split = load_data(ctx.cfg, ctx.rt, ctx.progress and dist.is_main())
+    data, split = _load(ctx)
     ce = run_ce(ctx, data, split)
     rows = [_row(ctx, "cross-entropy", ce, data, ["ce"])]
     return finish(
@@ -250,7 +254,7 @@ def train_ce_only(ctx: RunContext) -> dict:
 
 
 def pretrain_only(ctx: RunContext) -> dict:
-    data, split = load_data(ctx.cfg, ctx.rt, ctx.progress and dist.is_main())
+    data, split = _load(ctx)
     pre = run_pretrain(ctx, data, split)
     bank = extract_features(pre.encoder, split.train_x, ctx.rt)
     test = extract_features(pre.encoder, data.test_x, ctx.rt)
@@ -271,7 +275,7 @@ def pretrain_only(ctx: RunContext) -> dict:
 
 def linear_only(ctx: RunContext, from_dir: Path) -> dict:
     """Classifier on the frozen encoder of a finished pre-training run."""
-    data, split = load_data(ctx.cfg, ctx.rt, ctx.progress and dist.is_main())
+    data, split = _load(ctx)
     weights = from_dir / "weights" / "pretrain.safetensors"
     enc = make_encoder(ctx.cfg, data)
     model = ContrastiveModel(enc, make_projection(ctx.cfg, enc.feature_dim))
@@ -352,19 +356,27 @@ def run(
     cfg = load_preset(preset)
     set_values(cfg, overrides or {})
     run_dir = Path(out) if out is not None else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if command not in COMMANDS:
+        raise UsageError(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)}")
+    if command == "linear" and from_dir is None:
+        raise UsageError("linear needs from_dir (a finished pre-training run)")
     ctx = open_run(cfg, run_dir, overwrite=overwrite, resume=resume, progress=progress)
     with ctx.stop:
-        if command == "compare":
-            return compare(ctx)
-        if command == "train-ce":
-            return train_ce_only(ctx)
-        if command == "pretrain":
-            return pretrain_only(ctx)
-        if command == "linear":
-            if from_dir is None:
-                raise UsageError("linear needs from_dir (a finished pre-training run)")
-            return linear_only(ctx, Path(from_dir))
-    raise UsageError(f"unknown command {command!r}; choose one of: compare, train-ce, pretrain, linear")
+        return run_command(ctx, command, Path(from_dir) if from_dir is not None else None)
+
+
+COMMANDS = ("compare", "train-ce", "pretrain", "linear")
+
+
+def run_command(ctx: RunContext, command: str, from_dir: Path | None = None) -> dict:
+    """One of COMMANDS in an opened run (shared by the command line and :func:`run`)."""
+    if command == "compare":
+        return compare(ctx)
+    if command == "train-ce":
+        return train_ce_only(ctx)
+    if command == "pretrain":
+        return pretrain_only(ctx)
+    return linear_only(ctx, from_dir)
 
 
 __all__ = [
@@ -374,6 +386,7 @@ __all__ = [
     "open_run",
     "pretrain_only",
     "run",
+    "run_command",
     "table",
     "train_ce_only",
 ]
