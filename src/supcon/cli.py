@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="synchronise BatchNorm over all processes (under torchrun)",
         )
+        if name in ("linear", "compare"):
+            train.add_argument(
+                "--finetune",
+                action="store_true",
+                default=None,
+                help="train the pre-trained encoder together with the classifier (default: frozen encoder)",
+            )
         train.add_argument(
             "--stop-after",
             type=_positive_int,
@@ -173,6 +180,8 @@ def resolve_config(args: argparse.Namespace, base: Config | None = None) -> Conf
         cfg.precision = args.precision
     if getattr(args, "sync_bn", None):
         cfg.sync_bn = True
+    if getattr(args, "finetune", None):
+        cfg.linear.finetune = True
     for assignment in getattr(args, "set", []):
         set_value(cfg, assignment)
     return cfg

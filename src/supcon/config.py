@@ -65,6 +65,7 @@ class PhaseConfig:
     scale_lr: bool = False  # lr * batch_size / 256
     augment: str = "none"  # none | supcon (crop, flip, colour jitter, grayscale) | crop-flip
     views: int = 1
+    finetune: bool = False  # linear phase only: train the encoder too (full fine-tuning), not a probe
 
 
 @dataclass
@@ -219,6 +220,8 @@ def validate(cfg: Config) -> None:
             raise UsageError(f"{phase}.augment must be one of: crop-flip, none, supcon; got {p.augment!r}")
         if p.schedule not in ("constant", "cosine", "step"):
             raise UsageError(f"{phase}.schedule must be one of: constant, cosine, step; got {p.schedule!r}")
+        if p.finetune and phase != "linear":
+            raise UsageError(f"{phase}.finetune: only the linear phase fine-tunes (set linear.finetune)")
     if cfg.loss.temperature <= 0:
         raise UsageError(f"loss.temperature must be positive, got {cfg.loss.temperature}")
     if cfg.loss.method not in ("supcon", "simclr"):

@@ -6,12 +6,14 @@ Each writes a run folder: ``config.yaml``, ``metrics.jsonl``, ``results.json``, 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from supcon import dist
 from supcon.checkpoint import load_weights, save_weights
@@ -157,15 +159,31 @@ def run_pretrain(ctx: RunContext, data: ImageDataset, split: Split) -> Contrasti
 
 
 def run_linear(ctx: RunContext, data: ImageDataset, split: Split, encoder: torch.nn.Module) -> Classifier:
+    """The classifier phase. Its weights file holds the whole classifier (encoder + head), so a
+    classifier run folder can be evaluated on its own."""
     path = _phase_weights(ctx, "linear")
     if ctx.resume and path.is_file():
-        head = make_head(ctx.cfg, encoder.feature_dim, data.num_classes)
-        load_weights(head, path)
-        return Classifier(encoder, head).to(ctx.rt.device).eval()
+        model = Classifier(encoder, make_head(ctx.cfg, encoder.feature_dim, data.num_classes))
+        return load_classifier(model, path).to(ctx.rt.device).eval()
     model = train_linear(ctx, data, split, encoder)
     if dist.is_main():
-        save_weights(model.head, path, {"phase": "linear", "config": ctx.cfg.to_yaml()})
+        save_weights(model, path, {"phase": "linear", "config": ctx.cfg.to_yaml()})
     return model
+
+
+def load_classifier(model: Classifier, path: Path, has_encoder: bool = True) -> Classifier:
+    """Load a classifier phase's weights: the whole classifier, or (files written before classifier
+    files held the encoder) the head alone onto the pre-trained encoder ``model`` already has."""
+    with safe_open(str(path), "pt") as f:
+        whole = any(k.startswith("encoder.") for k in f.keys())  # noqa: SIM118 (not a dict)
+    if not whole and not has_encoder:
+        raise UsageError(f"{path} holds only a classifier head and no pre-trained encoder is beside it")
+    load_weights(model if whole else model.head, path)
+    return model
+
+
+def _classifier_name(cfg: Config) -> str:
+    return "fine-tuned encoder + classifier" if cfg.linear.finetune else "frozen encoder + classifier"
 
 
 def _row(ctx: RunContext, name: str, model, data: ImageDataset, phases: list[str]) -> dict:
@@ -226,7 +244,13 @@ def compare(ctx: RunContext) -> dict:
     method = "SupCon" if ctx.cfg.loss.method == "supcon" else "SimCLR"
     rows = [
         _row(ctx, "cross-entropy", ce, data, ["ce"]),
-        _row(ctx, f"{method} + frozen classifier", clf, data, ["pretrain", "linear"]),
+        _row(
+            ctx,
+            f"{method} + {'fine-tuned' if ctx.cfg.linear.finetune else 'frozen'} classifier",
+            clf,
+            data,
+            ["pretrain", "linear"],
+        ),
     ]
     return finish(
         ctx,
@@ -281,7 +305,7 @@ def linear_only(ctx: RunContext, from_dir: Path) -> dict:
     model = ContrastiveModel(enc, make_projection(ctx.cfg, enc.feature_dim))
     load_weights(model, weights)
     clf = run_linear(ctx, data, split, model.encoder)
-    rows = [_row(ctx, "frozen encoder + classifier", clf, data, ["linear"])]
+    rows = [_row(ctx, _classifier_name(ctx.cfg), clf, data, ["linear"])]
     return finish(ctx, data, f"supcon linear: {ctx.cfg.name} on {data.name}", rows, {})
 
 
@@ -291,7 +315,6 @@ def evaluate_run(cfg: Config, run_dir: Path, device: str = "auto") -> list[dict]
     data, _ = load_data(cfg, rt)
     out = []
     w = run_dir / "weights"
-    enc_dim = None
     if (w / "ce.safetensors").is_file():
         enc = make_encoder(cfg, data)
         m = load_weights(
@@ -303,21 +326,23 @@ def evaluate_run(cfg: Config, run_dir: Path, device: str = "auto") -> list[dict]
                 "test_acc": accuracy(predict(m.to(rt.device), data.test_x, rt), data.test_y),
             }
         )
+    pre = None
     if (w / "pretrain.safetensors").is_file():
         enc = make_encoder(cfg, data)
-        enc_dim = enc.feature_dim
         pre = load_weights(
-            ContrastiveModel(enc, make_projection(cfg, enc_dim)), w / "pretrain.safetensors"
+            ContrastiveModel(enc, make_projection(cfg, enc.feature_dim)), w / "pretrain.safetensors"
         ).to(rt.device)
-        if (w / "linear.safetensors").is_file():
-            head = load_weights(make_head(cfg, enc_dim, data.num_classes), w / "linear.safetensors")
-            m = Classifier(pre.encoder, head).to(rt.device)
-            out.append(
-                {
-                    "experiment": "frozen encoder + classifier",
-                    "test_acc": accuracy(predict(m, data.test_x, rt), data.test_y),
-                }
-            )
+    if (w / "linear.safetensors").is_file():
+        enc = copy.deepcopy(pre.encoder) if pre is not None else make_encoder(cfg, data)
+        m = Classifier(enc, make_head(cfg, enc.feature_dim, data.num_classes))
+        m = load_classifier(m, w / "linear.safetensors", has_encoder=pre is not None)
+        out.append(
+            {
+                "experiment": _classifier_name(cfg),
+                "test_acc": accuracy(predict(m.to(rt.device), data.test_x, rt), data.test_y),
+            }
+        )
+    if pre is not None:
         bank = extract_features(pre.encoder, data.train_x, rt)
         test = extract_features(pre.encoder, data.test_x, rt)
         out.append(

@@ -44,33 +44,48 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+HELD_OUT = {
+    "val_acc": "validation accuracy",
+    "val_knn_acc": "kNN monitor (validation)",
+    "monitor_knn_acc": "kNN monitor (test)",
+}
+
+
 def plot_curves(metrics: list[dict], path: Path) -> Path | None:
-    """Loss and accuracy per epoch, one line per phase."""
+    """Per epoch, one line per phase: training loss, training accuracy, and (when logged) held-out
+    accuracy: the classifiers' validation accuracy and the kNN monitor of pre-training."""
     phases = [p for p in PHASE_TITLES if any(m["phase"] == p for m in metrics)]
     if not phases:
         return None
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for phase in phases:
+    held_out = any(k in m for m in metrics for k in HELD_OUT)
+    fig, axes = plt.subplots(1, 3 if held_out else 2, figsize=(17 if held_out else 12, 4.5))
+    ax_loss, ax_acc = axes[0], axes[1]
+    for i, phase in enumerate(phases):
+        color = f"C{i}"  # one colour per phase in every panel
         rows = [m for m in metrics if m["phase"] == phase]
-        ep = [m["epoch"] for m in rows]
-        ax_loss.plot(ep, [m["loss"] for m in rows], label=f"{phase} loss")
-        for key, style in (
-            ("train_acc", "-"),
-            ("val_acc", "--"),
-            ("val_knn_acc", ":"),
-            ("monitor_knn_acc", ":"),
-        ):
+        ax_loss.plot(
+            [m["epoch"] for m in rows], [m["loss"] for m in rows], color=color, label=f"{phase} loss"
+        )
+        series = [(ax_acc, "train_acc", "train accuracy")]
+        if held_out:
+            series += [(axes[2], key, name) for key, name in HELD_OUT.items()]
+        for ax, key, name in series:
             vals = [(m["epoch"], m[key]) for m in rows if key in m]
             if vals:
-                ax_acc.plot(
+                ax.plot(
                     *zip(*vals, strict=True),
-                    style,
+                    color=color,
+                    linestyle=":" if "knn" in key else "-",
                     marker="." if len(vals) < 30 else None,
-                    label=f"{phase} {key}",
+                    label=f"{phase}: {name}",
                 )
     ax_loss.set(title="training loss", xlabel="epoch", ylabel="loss")
-    ax_acc.set(title="accuracy", xlabel="epoch", ylabel="accuracy")
-    for ax in (ax_loss, ax_acc):
+    ax_acc.set(title="training accuracy", xlabel="epoch", ylabel="accuracy")
+    if held_out:
+        axes[2].set(
+            title="held-out accuracy (validation split / kNN monitor)", xlabel="epoch", ylabel="accuracy"
+        )
+    for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

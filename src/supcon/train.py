@@ -10,6 +10,7 @@ scaler, RNG states, the position inside the epoch).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import signal
@@ -245,8 +246,8 @@ def fit(
     ``global_loss``: the step returns the same global loss on every rank (SupCon with gather=True),
     whose backward gives each rank exactly its share of the global gradient. DDP averages gradients
     over ranks, so the loss is multiplied by the world size before backward to undo that average.
-    A per-rank mean loss (cross-entropy) needs no factor: the average of the ranks' means is the
-    global mean.
+    A per-rank mean loss (cross-entropy) is weighted by the rank's share of the batch, which makes
+    the average over ranks the mean over the global batch.
     """
     rt, cfg = ctx.rt, ctx.cfg
     world, rank = dist.world_size(), dist.rank()
@@ -335,7 +336,14 @@ def fit(
             local = idx.tensor_split(world)[rank] if world > 1 else idx
             loss, correct = step(local, g_aug)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss * world if global_loss and world > 1 else loss).backward()
+            if world > 1:
+                # DDP averages gradients over ranks. A global loss is the same on every rank: undo the
+                # average. A per-rank mean: weight it by the rank's share so that the average is the
+                # mean over the global batch even when the shares differ (the last batch).
+                loss_for_grad = loss * world if global_loss else loss * (world * len(local) / len(idx))
+            else:
+                loss_for_grad = loss
+            scaler.scale(loss_for_grad).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -473,13 +481,8 @@ def _batch_labels(split: Split, idx: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return split.train_y[idx].to(rt.device, non_blocking=True)
 
 
-def train_ce(ctx: RunContext, data: ImageDataset, split: Split) -> Classifier:
-    """Experiment 1: encoder and classifier trained together with softmax cross-entropy."""
-    cfg, rt = ctx.cfg, ctx.rt
-    pcfg = cfg.ce
-    encoder = make_encoder(cfg, data)
-    model = prepare(Classifier(encoder, make_head(cfg, encoder.feature_dim, data.num_classes)), rt)
-    augment = make_augment(pcfg.augment, rt)
+def _classifier_step(net: nn.Module, augment: BatchAugment | None, split: Split, rt: Runtime):
+    """The cross-entropy step of a classifier trained end to end (experiment 1, fine-tuning)."""
 
     def step(idx, g):
         x = (
@@ -489,16 +492,40 @@ def train_ce(ctx: RunContext, data: ImageDataset, split: Split) -> Classifier:
         )
         y = _batch_labels(split, idx, rt)
         with rt.autocast():
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        return loss, (logits.argmax(1) == y).sum()
+            logits = net(x)
+        return _ce(logits, y), (logits.argmax(1) == y).sum()
 
-    def on_epoch_end(epoch):
-        if len(split.val_y):
-            return {"val_acc": round(accuracy(predict(model, split.val_x, rt), split.val_y), 6)}
-        return {}
+    return step
 
-    fit("ce", pcfg, model, list(model.parameters()), step, len(split.train_y), ctx, on_epoch_end)
+
+def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # A rank whose share of a last, tiny batch is empty still runs backward (DDP needs every rank);
+    # the mean over no samples would be NaN, a zero with a graph adds nothing.
+    return F.cross_entropy(logits.float(), y) if len(y) else logits.sum() * 0.0
+
+
+def _val_acc(model: nn.Module, split: Split, rt: Runtime) -> dict:
+    if len(split.val_y):
+        return {"val_acc": round(accuracy(predict(model, split.val_x, rt), split.val_y), 6)}
+    return {}
+
+
+def train_ce(ctx: RunContext, data: ImageDataset, split: Split) -> Classifier:
+    """Experiment 1: encoder and classifier trained together with softmax cross-entropy."""
+    cfg, rt = ctx.cfg, ctx.rt
+    encoder = make_encoder(cfg, data)
+    model = prepare(Classifier(encoder, make_head(cfg, encoder.feature_dim, data.num_classes)), rt)
+    step = _classifier_step(wrap_ddp(model, ctx), make_augment(cfg.ce.augment, rt), split, rt)
+    fit(
+        "ce",
+        cfg.ce,
+        model,
+        list(model.parameters()),
+        step,
+        len(split.train_y),
+        ctx,
+        lambda epoch: _val_acc(model, split, rt),
+    )
     return model
 
 
@@ -563,20 +590,42 @@ def pretrain(ctx: RunContext, data: ImageDataset, split: Split) -> ContrastiveMo
 
 
 def train_linear(ctx: RunContext, data: ImageDataset, split: Split, encoder: nn.Module) -> Classifier:
-    """Experiment 2b: a classifier on the frozen encoder (eval mode, no gradient).
+    """Experiment 2b: a classifier on the pre-trained encoder.
 
-    Without augmentation the frozen encoder maps each image to the same features every epoch, so
-    they are computed once and the classifier trains on them: the same optimisation, far cheaper.
+    By default the encoder is frozen (eval mode, no gradient) and only the classifier learns: the
+    linear probe. Without augmentation the frozen encoder maps each image to the same features every
+    epoch, so they are computed once and the classifier trains on them: the same optimisation, far
+    cheaper. With ``linear.finetune`` the encoder and the classifier are trained together with
+    cross-entropy, starting from the pre-trained weights (full fine-tuning).
     """
     cfg, rt = ctx.cfg, ctx.rt
     pcfg = cfg.linear
+    augment = make_augment(pcfg.augment, rt)
+    head = make_head(cfg, encoder.feature_dim, data.num_classes)
+    if pcfg.finetune:
+        # A copy: the pre-trained encoder stays as it was (the report maps both).
+        model = prepare(Classifier(copy.deepcopy(encoder), head), rt)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        step = _classifier_step(wrap_ddp(model, ctx), augment, split, rt)
+        fit(
+            "linear",
+            pcfg,
+            model,
+            list(model.parameters()),
+            step,
+            len(split.train_y),
+            ctx,
+            lambda epoch: _val_acc(model, split, rt),
+        )
+        return model
+
     encoder = prepare(encoder, rt).eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
-    head = make_head(cfg, encoder.feature_dim, data.num_classes).to(rt.device)
+    head = head.to(rt.device)
     model = Classifier(encoder, head)
     head_net = wrap_ddp(head, ctx)
-    augment = make_augment(pcfg.augment, rt)
     t0 = time.perf_counter()
     feats = extract_features(encoder, split.train_x, rt) if augment is None else None
     feature_seconds = time.perf_counter() - t0
@@ -589,16 +638,13 @@ def train_linear(ctx: RunContext, data: ImageDataset, split: Split, encoder: nn.
             with torch.no_grad(), rt.autocast():
                 f = encoder(augment(split.train_x[idx].to(rt.device), views=1, generator=g)).float()
         logits = head_net(f)
-        loss = F.cross_entropy(logits.float(), y)
-        return loss, (logits.argmax(1) == y).sum()
+        return _ce(logits, y), (logits.argmax(1) == y).sum()
 
     def on_epoch_end(epoch):
         out = {}
         if epoch == 1 and feats is not None:
             out["feature_seconds"] = round(feature_seconds, 3)
-        if len(split.val_y):
-            out["val_acc"] = round(accuracy(predict(model, split.val_x, rt), split.val_y), 6)
-        return out
+        return out | _val_acc(model, split, rt)
 
     class _Frozen(nn.Module):
         # What fit() checkpoints and switches to train mode: the head only.
