@@ -31,7 +31,7 @@ def _plain_forward(enc, x):
     return enc.fc(h.permute(0, 2, 3, 1).flatten(1))
 
 
-@pytest.mark.parametrize("size", [10, 16, 31, 32])
+@pytest.mark.parametrize("size", [10, 11, 16, 31, 32, 33])
 def test_fast_forward_equals_plain_forward(size):
     torch.manual_seed(0)
     enc = KerasCNN(image_size=size).double()

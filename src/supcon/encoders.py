@@ -46,17 +46,19 @@ class KerasCNN(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 32, 3)
         self.conv2 = nn.Conv2d(32, 64, 3)
         self.fc = nn.Linear(64 * s2 * s2, feature_dim)
-        # The second pooling floors: conv2 output rows/columns past 2*s2 are never read, so conv2 is
-        # only computed on the input window that produces the rows that are (14x14 of 15x15 at 32 px).
-        self._crop = 2 * s2 + 2
+        # Both poolings floor, so some rows/columns are never read: conv2 needs only 2*s2+2 rows of
+        # the first pooling's output (14 of 15 at 32 px), which come from 2*(2*s2+2)+2 input rows
+        # (30 of 32). Cropping the input there computes exactly the same outputs with fewer
+        # operations in conv1, both poolings and conv2.
+        self._crop = 2 * (2 * s2 + 2) + 2
         self.feature_dim = feature_dim
         keras_init_(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # max-pool then ReLU equals ReLU then max-pool (ReLU is monotone) and touches 4x fewer
         # elements; the in-place ReLU is safe because max-pool's backward keeps its input, not its output.
-        x = F.max_pool2d(self.conv1(x), 2).relu_()
         x = x[:, :, : self._crop, : self._crop]
+        x = F.max_pool2d(self.conv1(x), 2).relu_()
         x = F.max_pool2d(self.conv2(x), 2).relu_()
         # Flatten in NHWC order, as Keras does: free for channels_last tensors (no copy).
         return self.fc(x.permute(0, 2, 3, 1).flatten(1))
