@@ -226,7 +226,11 @@ def run(argv: list[str] | None = None) -> int:
     # Under torchrun: join the process group (gloo on CPU, NCCL on CUDA); a no-op otherwise.
     device = dist.init_from_env(cfg.device)
     try:
-        return _train(args, cfg, run_dir, device)
+        code = _train(args, cfg, run_dir, device)
+        # Every rank finishes (rank 0 writes the last files) before any rank tears down its
+        # connections: a rank that exits while a peer still talks to it can abort in gloo.
+        dist.barrier()
+        return code
     finally:
         dist.destroy()
 
