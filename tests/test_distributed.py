@@ -9,17 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+COMMON = ["--dataset", "digits", "--epochs", "2", "--precision", "fp32", "--quiet"]
 ARGS = [
     "pretrain",
-    "--dataset",
-    "digits",
+    *COMMON,
     "--batch-size",
     "128",
-    "--epochs",
-    "2",
-    "--precision",
-    "fp32",
-    "--quiet",
     "--seed",
     "1",
     "--set",
@@ -100,15 +95,9 @@ def test_two_ranks_train_like_one_rank_with_the_full_batch(runs):
 
 CE_ARGS = [
     "train-ce",
-    "--dataset",
-    "digits",
+    *COMMON,
     "--batch-size",
     "256",  # 1347 training images: the last batch (67) splits unevenly, 34 + 33
-    "--epochs",
-    "2",
-    "--precision",
-    "fp32",
-    "--quiet",
     "--seed",
     "2",
     "--set",

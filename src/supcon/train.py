@@ -515,17 +515,16 @@ def train_ce(ctx: RunContext, data: ImageDataset, split: Split) -> Classifier:
     cfg, rt = ctx.cfg, ctx.rt
     encoder = make_encoder(cfg, data)
     model = prepare(Classifier(encoder, make_head(cfg, encoder.feature_dim, data.num_classes)), rt)
-    step = _classifier_step(wrap_ddp(model, ctx), make_augment(cfg.ce.augment, rt), split, rt)
-    fit(
-        "ce",
-        cfg.ce,
-        model,
-        list(model.parameters()),
-        step,
-        len(split.train_y),
-        ctx,
-        lambda epoch: _val_acc(model, split, rt),
-    )
+    return _train_end_to_end("ce", model, ctx, split)
+
+
+def _train_end_to_end(phase: str, model: Classifier, ctx: RunContext, split: Split) -> Classifier:
+    """Encoder and classifier trained together with cross-entropy (experiment 1, fine-tuning)."""
+    pcfg: PhaseConfig = getattr(ctx.cfg, phase)
+    net = wrap_ddp(model, ctx)
+    step = _classifier_step(net, make_augment(pcfg.augment, ctx.rt), split, ctx.rt)
+    params = list(model.parameters())
+    fit(phase, pcfg, model, params, step, len(split.train_y), ctx, lambda e: _val_acc(model, split, ctx.rt))
     return model
 
 
@@ -607,18 +606,7 @@ def train_linear(ctx: RunContext, data: ImageDataset, split: Split, encoder: nn.
         model = prepare(Classifier(copy.deepcopy(encoder), head), rt)
         for p in model.parameters():
             p.requires_grad_(True)
-        step = _classifier_step(wrap_ddp(model, ctx), augment, split, rt)
-        fit(
-            "linear",
-            pcfg,
-            model,
-            list(model.parameters()),
-            step,
-            len(split.train_y),
-            ctx,
-            lambda epoch: _val_acc(model, split, rt),
-        )
-        return model
+        return _train_end_to_end("linear", model, ctx, split)
 
     encoder = prepare(encoder, rt).eval()
     for p in encoder.parameters():
