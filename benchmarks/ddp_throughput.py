@@ -15,22 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from supcon.dist import local_command
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(nproc: int, args, work: Path) -> dict:
@@ -61,21 +55,7 @@ def run(nproc: int, args, work: Path) -> dict:
     ]
     threads = max(1, (os.cpu_count() or 1) // nproc) if args.device == "cpu" else 1
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "supcon", *sup]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            "-m",
-            "supcon",
-            *sup,
-        ]
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(local_command(sup, nproc), check=True, env=env, stdout=subprocess.DEVNULL)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     secs = statistics.median(r["seconds"] for r in rows[1:]) if len(rows) > 1 else rows[0]["seconds"]
     n = json.loads((out / "results.json").read_text())["dataset"].split(" train")[0].split(": ")[1]

@@ -1,13 +1,13 @@
 """torchrun with 2 CPU processes (gloo) trains exactly as one process on the whole batch."""
 
 import os
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from supcon.dist import local_command
 
 COMMON = ["--dataset", "digits", "--epochs", "2", "--precision", "fp32", "--quiet"]
 ARGS = [
@@ -33,37 +33,18 @@ ARGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _run(args, nproc, env):
+    r = subprocess.run(local_command(args, nproc), capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 def torchrun(args, nproc=2):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "supcon",
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SUPCON_DIST_TIMEOUT": "60"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return _run(args, nproc, {**os.environ, "OMP_NUM_THREADS": "1", "SUPCON_DIST_TIMEOUT": "60"})
 
 
 def single(args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [sys.executable, "-m", "supcon", *args], capture_output=True, text=True, timeout=180, env=env
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return _run(args, 1, {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")

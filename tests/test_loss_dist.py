@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import _dist_worker as worker  # tests/ is on sys.path under pytest, and spawn passes it on
+from supcon.dist import free_port
 from supcon.loss import supcon_loss
 
 pytestmark = [
@@ -21,17 +21,11 @@ pytestmark = [
 TIMEOUT_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("dist")
     ctx = mp.start_processes(
-        worker.run, args=(_free_port(), str(outdir)), nprocs=worker.WORLD, join=False, start_method="spawn"
+        worker.run, args=(free_port(), str(outdir)), nprocs=worker.WORLD, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     # A hang (a collective that never matches) must fail the test, not block the suite.

@@ -131,6 +131,35 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a process group on this machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_command(args: list[str], nproc: int = 1) -> list[str]:
+    """The command line of ``supcon ARGS`` on this machine: one plain process, or ``torchrun`` with
+    ``nproc`` processes on a free local port (what the tests and benchmarks launch)."""
+    import sys
+
+    if nproc == 1:
+        return [sys.executable, "-m", "supcon", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "supcon",
+        *args,
+    ]
+
+
 # ----------------------------------------------------------------------------------------------
 # Process groups and object collectives, for the trainer. ``torchrun`` sets the environment
 # (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); supcon builds no launcher of its own.

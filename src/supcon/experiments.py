@@ -182,8 +182,12 @@ def load_classifier(model: Classifier, path: Path, has_encoder: bool = True) -> 
     return model
 
 
+def _encoder_use(cfg: Config) -> str:
+    return "fine-tuned" if cfg.linear.finetune else "frozen"
+
+
 def _classifier_name(cfg: Config) -> str:
-    return "fine-tuned encoder + classifier" if cfg.linear.finetune else "frozen encoder + classifier"
+    return f"{_encoder_use(cfg)} encoder + classifier"
 
 
 def _row(ctx: RunContext, name: str, model, data: ImageDataset, phases: list[str]) -> dict:
@@ -246,7 +250,7 @@ def compare(ctx: RunContext) -> dict:
         _row(ctx, "cross-entropy", ce, data, ["ce"]),
         _row(
             ctx,
-            f"{method} + {'fine-tuned' if ctx.cfg.linear.finetune else 'frozen'} classifier",
+            f"{method} + {_encoder_use(ctx.cfg)} classifier",
             clf,
             data,
             ["pretrain", "linear"],
