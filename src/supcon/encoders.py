@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from supcon.kernels import conv3x3_pool2_relu, max_pool2_relu
 from supcon.registry import Registry
 
 ENCODERS: Registry[nn.Module] = Registry("encoder")
@@ -56,10 +56,11 @@ class KerasCNN(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # max-pool then ReLU equals ReLU then max-pool (ReLU is monotone) and touches 4x fewer
-        # elements; the in-place ReLU is safe because max-pool's backward keeps its input, not its output.
+        # elements. On the CPU both are fused kernels; the first also keeps conv1's output (the
+        # largest activation) out of memory.
         x = x[:, :, : self._crop, : self._crop]
-        x = F.max_pool2d(self.conv1(x), 2).relu_()
-        x = F.max_pool2d(self.conv2(x), 2).relu_()
+        x = conv3x3_pool2_relu(x, self.conv1)
+        x = max_pool2_relu(self.conv2(x))
         # Flatten in NHWC order, as Keras does: free for channels_last tensors (no copy).
         return self.fc(x.permute(0, 2, 3, 1).flatten(1))
 
