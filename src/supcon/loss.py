@@ -211,7 +211,7 @@ def _class_stats(q, keys, k_cls, n_cls: int, row_offset: int, variant: str):
     pos_dot = None
     if variant != "in":
         sums = keys.new_zeros(n_cls, keys.shape[1]).index_add_(0, k_cls, keys)
-        pos_dot = (q * sums[q_cls]).sum(dim=1)
+        pos_dot = (q * _take_rows(sums, q_cls)).sum(dim=1)
     pairs = _Pairs(row_offset, variant != "npairs", q_labels=q_cls, k_labels=k_cls)
     return count, pos_dot, pairs, 1.0
 
@@ -225,10 +225,20 @@ def _mask_stats(q, keys, mask, key_samples, row_offset: int, variant: str):
     pos_dot = None
     if variant != "in":
         sums = keys.new_zeros(total, keys.shape[1]).index_add_(0, key_samples, keys)
-        pos_dot = (q * _rowwise_matmul(mask, sums)[q_rows]).sum(dim=1)
+        pos_dot = (q * _take_rows(_rowwise_matmul(mask, sums), q_rows)).sum(dim=1)
     self_in = mask[q_rows, key_samples[row_offset : row_offset + m]].to(q.dtype)
     pairs = _Pairs(row_offset, variant != "npairs", mask=mask, q_rows=q_rows, k_cols=key_samples)
     return count, pos_dot, pairs, self_in
+
+
+def _take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[idx]`` with a backward that is deterministic on the device, so that runs reproduce.
+
+    The backward of advanced indexing (``index_put_`` with accumulation) is nondeterministic on the
+    CPU; ``index_select``'s (``index_add_``) is deterministic there but nondeterministic on CUDA,
+    where indexing's sort-based backward is the deterministic one (PyTorch's reproducibility notes).
+    """
+    return t.index_select(0, idx) if t.device.type == "cpu" else t[idx]
 
 
 def _rowwise_matmul(mask: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
