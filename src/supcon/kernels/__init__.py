@@ -32,6 +32,7 @@ import torch
 from torch.nn import functional as F
 
 SOURCES = [Path(__file__).with_name(n) for n in ("pool_relu.c", "conv_pool_relu.c")]
+HEADERS = [Path(__file__).with_name("pool2.h")]  # included by both sources
 # gnu11: GCC/Clang vector extensions, and multiply-adds contracted into FMA instructions.
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC"]
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -219,7 +220,7 @@ def _build() -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise RuntimeError("no C compiler found (set CC)")
-    parts = [p.read_bytes() for p in SOURCES]
+    parts = [p.read_bytes() for p in SOURCES + HEADERS]
     key = hashlib.sha256(
         b"\0".join([*parts, cc.encode(), " ".join(_FLAGS).encode(), _cpu_signature().encode()])
     ).hexdigest()[:16]

@@ -26,6 +26,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "pool2.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -44,15 +46,7 @@ static inline v16 vload(const float *p) {
 
 static inline void vstore(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 
-#define NO_GRAD 4               /* winner code: the ReLU output is 0, no gradient */
 #define PARALLEL_MIN (1 << 14)  /* outputs below which OpenMP threads cost more than they save */
-
-static inline float bf16_to_f32(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
 static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN (quiet) */
     uint32_t u;
@@ -124,24 +118,10 @@ static inline void pool_store(float acc[4][CB], int rnd, void *y, uint8_t *code,
     if (rnd)
         for (int a = 0; a < 4; a++)
             for (int c = 0; c < CB; c++) acc[a][c] = round_bf16(acc[a][c]);
-    for (int c = 0; c < CB; c++) {
-        float mc = acc[0][c], v;
-        uint8_t kc = 0;
-        int t;
-        v = acc[1][c]; t = (v > mc) | (v != v); mc = t ? v : mc; kc = t ? 1 : kc;
-        v = acc[2][c]; t = (v > mc) | (v != v); mc = t ? v : mc; kc = t ? 2 : kc;
-        v = acc[3][c]; t = (v > mc) | (v != v); mc = t ? v : mc; kc = t ? 3 : kc;
-        const int pass = !(mc <= 0.0f);
-        m[c] = pass ? mc : 0.0f;
-        k[c] = pass ? kc : NO_GRAD;
-    }
+    for (int c = 0; c < CB; c++) m[c] = pool4_relu(acc[0][c], acc[1][c], acc[2][c], acc[3][c], &k[c]);
     memcpy(code + q, k, CB);
-    if (rnd) /* m holds bf16 values already: keep their upper halves */
-        for (int c = 0; c < CB; c++) {
-            uint32_t u;
-            memcpy(&u, &m[c], sizeof u);
-            ((uint16_t *)y)[q + c] = (uint16_t)(u >> 16);
-        }
+    if (rnd) /* m holds bf16 values already */
+        for (int c = 0; c < CB; c++) ((uint16_t *)y)[q + c] = bf16_bits(m[c]);
     else
         memcpy((float *)y + q, m, sizeof m);
 }
@@ -149,12 +129,6 @@ static inline void pool_store(float acc[4][CB], int rnd, void *y, uint8_t *code,
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define HAVE_DPBF16 1
-
-static inline uint32_t bf16_bits(const float *p) { /* p holds a bf16-exact float */
-    uint32_t u;
-    memcpy(&u, p, sizeof u);
-    return u >> 16;
-}
 
 /* Forward of one image with AVX512-BF16 dot products (bf16 operands, float32 sums): each
  * instruction multiplies 16 output channels' pairs of weights by a broadcast pair of inputs. The
@@ -169,10 +143,10 @@ static void fwd_image_dp(const float *restrict xf, int64_t n, int64_t cols, int6
     for (int64_t r = 0; r < rows; r++)
         for (int64_t q = 0; q < rs; q++) {
             const int64_t at = r * rs + q;
-            const uint32_t v = bf16_bits(xf + at);
+            const uint32_t v = bf16_bits(xf[at]);
             xz[at] = v;                                                                    /* (x, 0) */
-            xc[at] = v | (q + cin < rs ? bf16_bits(xf + at + cin) << 16 : 0u);            /* (x, right) */
-            xr[at] = v | (r + 1 < rows ? bf16_bits(xf + at + rs) << 16 : 0u);             /* (x, below) */
+            xc[at] = v | (q + cin < rs ? (uint32_t)bf16_bits(xf[at + cin]) << 16 : 0u);            /* (x, right) */
+            xr[at] = v | (r + 1 < rows ? (uint32_t)bf16_bits(xf[at + rs]) << 16 : 0u);             /* (x, below) */
         }
     for (int64_t i = 0; i < Ho; i++)
         for (int64_t j = 0; j < Wo; j++)
@@ -216,7 +190,7 @@ static void fwd_image_dp(const float *restrict xf, int64_t n, int64_t cols, int6
 
 /* wt [3, 3, cin, cout] (bf16-exact floats) -> wp [5 * cin, cout] pairs in fwd_image_dp's order. */
 static void pack_weights(const float *wt, int64_t cin, int64_t cout, uint32_t *wp) {
-#define W(kh, kw, ci, co) bf16_bits(wt + (((kh) * 3 + (kw)) * cin + (ci)) * cout + (co))
+#define W(kh, kw, ci, co) (uint32_t)bf16_bits(wt[(((kh) * 3 + (kw)) * cin + (ci)) * cout + (co)])
     for (int64_t ci = 0; ci < cin; ci++)
         for (int64_t co = 0; co < cout; co++) {
             for (int64_t kh = 0; kh < 3; kh++) wp[(kh * cin + ci) * cout + co] = W(kh, 0, ci, co) | W(kh, 1, ci, co) << 16;
@@ -424,7 +398,7 @@ void conv_pool_relu_bwd(const void *x, int is_bf16, int64_t sn, int64_t sh, int6
 #endif
         float *xf = malloc(sizeof(float) * rows * cols * cin);
         float *gs = malloc(sizeof(float) * Ho * Wo * 4 * cout);
-        uint32_t *xc = malloc(sizeof(uint32_t) * rows * cols * cin);
+        uint32_t *xc = dp ? malloc(sizeof(uint32_t) * rows * cols * cin) : NULL;
         float *pdw = part + (size_t)tid * (K + 1) * cout, *pdb = pdw + K * cout;
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {

@@ -3,10 +3,9 @@
  * PyTorch's eager ops take five memory passes for this on the CPU (the pooling with int64 indices,
  * the ReLU, its backward, a zero-fill of the input gradient and a scatter into it). Here the forward
  * reads x once and writes the pooled output plus a one-byte winner code per output; the backward
- * writes the input gradient once. Results equal PyTorch's bit for bit: the first maximum of each 2x2
- * window in row-major order wins ties and a NaN wins over numbers (later NaNs over earlier ones), as
- * in ATen's max-pool kernel; the gradient passes where the ReLU output is positive or NaN, as in ATen's
- * threshold_backward. Odd trailing rows/columns are dropped (floor) and get zero gradient.
+ * writes the input gradient once. Results equal PyTorch's bit for bit (pool4_relu in pool2.h: ties,
+ * NaNs and where the gradient passes). Odd trailing rows/columns are dropped (floor) and get zero
+ * gradient.
  *
  * Inner loops run over fixed blocks of 32 channels so that the compiler vectorises them (with the
  * channel count unknown at compile time it keeps a scalar loop for short rows). Built with -fopenmp,
@@ -16,39 +15,25 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "pool2.h"
+
 #define BLOCK 32
 #define PARALLEL_MIN (1 << 16) /* elements below which threads cost more than they save */
 
-static inline float bf16_load(const uint16_t *p) {
-    uint32_t u = (uint32_t)*p << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
+static inline float bf16_load(const uint16_t *p) { return bf16_to_f32(*p); }
+static inline uint16_t bf16_store(float f) { return bf16_bits(f); }
 static inline float f32_load(const float *p) { return *p; }
+static inline float f32_store(float f) { return f; }
 
-/* Winner codes: 0..3 = row-major position in the 2x2 window; 4 = no gradient (ReLU output is 0). */
-#define NO_GRAD 4
-
-#define DEFINE_POOL(NAME, T, LOAD)                                                                   \
+#define DEFINE_POOL(NAME, T, LOAD, STORE)                                                            \
     static inline void NAME##_fwd_block(const T *restrict p0, const T *restrict p1,                  \
                                         const T *restrict p2, const T *restrict p3,                  \
                                         T *restrict y, uint8_t *restrict code, int64_t len) {        \
         for (int64_t c = 0; c < len; c++) {                                                          \
-            float m = LOAD(p0 + c), v;                                                               \
-            T mb = p0[c];                                                                            \
-            uint8_t k = 0;                                                                           \
-            int t;                                                                                   \
-            v = LOAD(p1 + c); t = (v > m) | (v != v);                                                \
-            m = t ? v : m; mb = t ? p1[c] : mb; k = t ? 1 : k;                                       \
-            v = LOAD(p2 + c); t = (v > m) | (v != v);                                                \
-            m = t ? v : m; mb = t ? p2[c] : mb; k = t ? 2 : k;                                       \
-            v = LOAD(p3 + c); t = (v > m) | (v != v);                                                \
-            m = t ? v : m; mb = t ? p3[c] : mb; k = t ? 3 : k;                                       \
-            int pass = !(m <= 0.0f);                                                                 \
-            y[c] = pass ? mb : (T)0;                                                                 \
-            if (code) code[c] = pass ? k : NO_GRAD;                                                  \
+            uint8_t k;                                                                               \
+            /* The output is the winner's value (exact in float32) or +0: stored back unchanged. */  \
+            y[c] = STORE(pool4_relu(LOAD(p0 + c), LOAD(p1 + c), LOAD(p2 + c), LOAD(p3 + c), &k));   \
+            if (code) code[c] = k;                                                                   \
         }                                                                                            \
     }                                                                                                \
                                                                                                      \
@@ -105,5 +90,5 @@ static inline float f32_load(const float *p) { return *p; }
             }                                                                                        \
     }
 
-DEFINE_POOL(pool_relu_bf16, uint16_t, bf16_load)
-DEFINE_POOL(pool_relu_f32, float, f32_load)
+DEFINE_POOL(pool_relu_bf16, uint16_t, bf16_load, bf16_store)
+DEFINE_POOL(pool_relu_f32, float, f32_load, f32_store)
