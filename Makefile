@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test quick lint format bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	@if $(PY) -c "import torch" 2>/dev/null; then \
@@ -36,6 +36,10 @@ format: setup
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The edit-test loop: everything but the slow end-to-end tests (`make test` runs them all).
+quick: setup
+	$(BIN)/python -m pytest -m "not slow" -x
 
 bench: setup
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"

@@ -2,9 +2,9 @@
 
     python benchmarks/kernels.py [--batch 256] [--rounds 5]
 
-Prints milliseconds (median over interleaved rounds) for the seed CNN's first layer
+Prints milliseconds (median over interleaved rounds) for the Keras example CNN's first layer
 (conv 3x3 -> max-pool 2 -> ReLU, forward and backward) and second pooling, and for a whole SupCon
-training step of the seed CNN (batch of CIFAR-sized random images, bf16 autocast, Adam), each with
+training step of the Keras example's CNN (batch of CIFAR-sized random images, bf16 autocast, Adam), each with
 the kernels and with PyTorch's ops, and the speed-up.
 """
 
@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from supcon import encoders, kernels
 from supcon.loss import supcon_loss
-from supcon.runtime import resolve_runtime
+from supcon.runtime import resolve_runtime, tune_cpu
 
 
 def plain_pool(x):
@@ -44,7 +44,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20, help="calls per round")
     args = ap.parse_args()
-    rt = resolve_runtime("cpu", "auto", True)  # also keeps freed memory mapped, as training does
+    rt = resolve_runtime("cpu", "auto", True)
+    tune_cpu()  # as the command line does for training
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rt.describe()}")
     print(f"kernels: {kernels.kernel_status()}")
     if kernels._library() is None:
@@ -102,7 +103,7 @@ def main() -> None:
             layer1(plain_conv_pool, True),
         ),
         "pool + ReLU after conv2, fwd + bwd": (pool2(kernels.max_pool2_relu, True), pool2(plain_pool, True)),
-        "SupCon training step (seed CNN)": (train_step("fused"), train_step("plain")),
+        "SupCon training step (Keras example CNN)": (train_step("fused"), train_step("plain")),
     }
     kernel_fns = (encoders.max_pool2_relu, encoders.conv3x3_pool2_relu)
     torch_fns = (plain_pool, plain_conv_pool)

@@ -1,6 +1,10 @@
 import json
 
+import pytest
+
 import supcon
+
+pytestmark = pytest.mark.slow
 
 
 def test_python_api_runs_an_experiment(tmp_path):
@@ -19,3 +23,38 @@ def test_loss_is_exported():
     f = torch.randn(8, 2, 4)
     assert torch.isfinite(supcon.supcon_loss(f, torch.arange(8) % 3))
     assert isinstance(supcon.SupConLoss(), torch.nn.Module)
+
+
+def _denormal_survives() -> bool:
+    import torch
+
+    return (torch.tensor([1e-39]) * 1.0).item() != 0.0
+
+
+def test_every_command_is_callable_from_python_and_the_api_leaves_the_process_alone(tmp_path):
+    import torch
+
+    from supcon.cli import build_parser
+    from supcon.experiments import COMMANDS
+
+    # The command line's subcommands are exactly the API's commands.
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(COMMANDS)
+    torch.set_flush_denormal(False)
+    out = tmp_path / "run"
+    overrides = {"data.dataset": "digits", "ce.epochs": 1, "precision": "fp32"}
+    trained = supcon.run("train-ce", out=out, overrides=overrides, progress=False)
+    assert _denormal_survives()  # no process-wide CPU tuning unless asked
+    evaluated = supcon.run("eval", from_dir=out, device="cpu")
+    assert evaluated["rows"][0]["test_acc"] == trained["rows"][0]["test_acc"]
+    supcon.run("train-ce", out=out, overrides={**overrides, "tune_cpu": True}, overwrite=True, progress=False)
+    try:
+        assert not _denormal_survives()
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_usage_error_is_a_value_error():
+    from supcon.errors import UsageError
+
+    assert issubclass(UsageError, ValueError)

@@ -19,6 +19,7 @@ def run_cli(args, capsys):
     return e.value.code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_compare_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, err = run_cli(["compare", *TINY, "--out", str(out)], capsys)
@@ -108,3 +109,51 @@ def test_python_dash_m_entry_point_and_help():
 def test_readme_commands_exist():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
+
+
+def test_a_failed_start_does_not_block_the_corrected_rerun(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        ["train-ce", "--data", str(tmp_path / "missing"), "--quiet", "--out", str(out)], capsys
+    )
+    assert code == 2 and "does not exist" in err
+    code, _, err = run_cli(["train-ce", *TINY, "--epochs", "1", "--out", str(out)], capsys)
+    assert code == 0, err
+
+
+def test_out_below_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli(["train-ce", *TINY, "--out", str(tmp_path / "file" / "run")], capsys)
+    assert code == 2 and "file" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_divergence_stops_with_one_line_and_a_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train-ce", *TINY, "--epochs", "3", "--lr", "1e30", "--precision", "fp32", "--out", str(out)]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "diverged" in err and "epoch 1" in err and "lower the learning rate" in err
+    report = (out / "report.md").read_text()
+    assert "diverged" in report
+    lines = (
+        [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        if (out / "metrics.jsonl").is_file()
+        else []
+    )
+    assert all(x["loss"] == x["loss"] for x in lines)  # no NaN epoch was logged
+
+
+@pytest.mark.slow
+def test_the_printed_resume_command_works_also_with_the_original_preset(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train-ce", "--preset", "keras-example", *TINY, "--epochs", "2", "--out", str(out)]
+    code, _, err = run_cli([*args, "--stop-after", "1"], capsys)
+    assert code == 0
+    printed = err.split("continue with: ")[1].strip().split()
+    assert printed[:2] == ["supcon", "train-ce"]
+    code, _, err = run_cli(printed[1:], capsys)  # the printed command, as it is
+    assert code == 0, err
+    code, _, err = run_cli([*args[:-2], "--out", str(tmp_path / "again"), "--stop-after", "1"], capsys)
+    code, _, err = run_cli([*args[:-2], "--out", str(tmp_path / "again"), "--resume"], capsys)
+    assert code == 0, err  # the same command plus --resume, preset included

@@ -67,8 +67,8 @@ def test_set_overrides_and_types():
 )
 def test_validate_rejects_nonsense(assignment, message):
     cfg = Config()
-    set_value(cfg, assignment)
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError, match=message):  # choices are refused when set, ranges on validate
+        set_value(cfg, assignment)
         validate(cfg)
 
 
@@ -78,3 +78,61 @@ def test_yaml_round_trip(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(cfg.to_yaml())
     assert load_preset(str(f)) == cfg
+
+
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("loss.temperature=.inf", "loss.temperature must be a finite number"),
+        ("pretrain.lr=.nan", "pretrain.lr must be a finite number"),
+        ("ce.eps=-1e-8", "ce.eps must be greater than 0"),
+        ("model.feature_dim=0", "model.feature_dim must be at least 1"),
+        ("model.dropout=1.5", "model.dropout must be below 1"),
+        ("knn_k=0", "knn_k must be at least 1"),
+        ("device=meta", "device 'meta' cannot train"),
+        ("device=gpu7", "unknown device 'gpu7'"),
+        ("data.val_fraction=1.0", "data.val_fraction must be below 1"),
+        ("linear.momentum=-0.1", "linear.momentum must be at least 0"),
+        ("model.blocks=[1, 0]", "model.blocks"),
+        ("checkpoint_every=0", "checkpoint_every must be at least 1"),
+    ],
+)
+def test_every_field_is_validated_with_its_range(assignment, message):
+    cfg = Config()
+    set_value(cfg, assignment)
+    with pytest.raises(UsageError, match=message.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_values_set_in_python_are_type_checked_too():
+    cfg = Config()
+    cfg.loss.variant = "bogus"
+    with pytest.raises(UsageError, match="loss.variant must be one of: out, in, npairs"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "assignment",
+    ["pretrain.batch_size=1", "loss.method=simclr"],
+)
+def test_contrastive_training_without_any_positive_is_refused(assignment):
+    cfg = Config()  # the Keras example: one view per image, no augmentation
+    set_value(cfg, assignment)
+    with pytest.raises(UsageError, match="no anchor ever has a positive"):
+        validate(cfg)
+
+
+def test_yaml_errors_name_the_line(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("pretrain:\n  epochs: 3\n  lr: [0.1\n")
+    with pytest.raises(UsageError, match=r"line \d+, column \d+"):
+        load_preset(str(f))
+
+
+def test_choices_come_from_the_config_types():
+    from supcon.cli import build_parser
+    from supcon.config import Precision, choices
+
+    compare = build_parser()._subparsers._group_actions[0].choices["compare"]
+    precision = next(a for a in compare._actions if a.dest == "precision")
+    assert tuple(precision.choices) == choices(Precision) == ("auto", "fp32", "bf16", "fp16")

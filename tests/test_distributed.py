@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 
 from supcon.dist import local_command
 
+pytestmark = pytest.mark.slow
+
 COMMON = ["--dataset", "digits", "--epochs", "2", "--precision", "fp32", "--quiet"]
 ARGS = [
     "pretrain",
@@ -108,3 +110,17 @@ def test_resume_under_two_ranks_continues_where_it_stopped(runs):
     b = load_file(str(out / "weights/pretrain.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("command", ["pretrain", "train-ce"])
+def test_a_rank_with_an_empty_share_of_the_last_batch(tmp_path, command):
+    # 1347 training images in batches of 673: the last batch holds one image, so rank 1's share is
+    # empty. Both ranks still step together (no hang), and end where one process does.
+    args = [*(ARGS if command == "pretrain" else CE_ARGS), "--batch-size", "673", "--epochs", "1"]
+    single([*args, "--out", str(tmp_path / "one")])
+    torchrun([*args, "--out", str(tmp_path / "two")])
+    phase = "pretrain" if command == "pretrain" else "ce"
+    one = load_file(str(tmp_path / f"one/weights/{phase}.safetensors"))
+    two = load_file(str(tmp_path / f"two/weights/{phase}.safetensors"))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)

@@ -6,6 +6,8 @@ import pytest
 
 from supcon.cli import main
 
+pytestmark = pytest.mark.slow
+
 PAPER_TINY = [
     "pretrain",
     "--preset",

@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 from supcon.cli import main
 
+pytestmark = pytest.mark.slow
+
 BASE = ["--dataset", "digits", "--batch-size", "128", "--precision", "fp32", "--quiet", "--seed", "3"]
 
 
@@ -123,11 +125,10 @@ def test_linear_finetune_trains_the_encoder_and_keeps_the_pretrained_one(tmp_pat
     # eval loads the fine-tuned classifier and gives the accuracy the run reported
     import json
 
-    from supcon.cli import _saved_config
     from supcon.experiments import evaluate_run
 
     for run, name in ((tuned, "fine-tuned"), (probe, "frozen")):
-        rows = {r["experiment"]: r["test_acc"] for r in evaluate_run(_saved_config(run), run)}
+        rows = {r["experiment"]: r["test_acc"] for r in evaluate_run(run)}
         reported = json.loads((run / "results.json").read_text())["rows"][0]["test_acc"]
         assert rows[f"{name} encoder + classifier"] == pytest.approx(reported)
 

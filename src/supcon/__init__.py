@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 __all__ = ["SupConLoss", "run", "supcon_loss"]
 
 
-def run(command: str = "compare", preset: str = "keras-example", out=None, **kwargs) -> dict:
-    """Run an experiment (compare, train-ce, pretrain, linear); see :func:`supcon.experiments.run`."""
+def run(command: str = "compare", preset: str | None = None, out=None, **kwargs) -> dict:
+    """Run a command of the command line (compare, train-ce, pretrain, linear, eval); see
+    :func:`supcon.experiments.run`."""
     from supcon.experiments import run as _run
 
     return _run(command, preset, out, **kwargs)

@@ -1,30 +1,26 @@
-"""Command line: ``supcon compare | train-ce | pretrain | linear | eval``.
+"""Command line: ``supcon compare | train-ce | pretrain | linear | eval`` (also ``python -m supcon``).
 
 Configuration is layered: a preset (``--preset NAME|FILE``, default ``keras-example``), then the
-explicit flags, then ``--set section.key=value`` for any other field. Bad input ends with one line
-on stderr and exit code 2.
+explicit flags, then ``--set section.key=value`` for any other field. Every flag is a row of
+:data:`FLAGS` naming the config key it sets, and goes through the same path as ``--set``. The
+commands come from :data:`supcon.experiments.COMMANDS`, the table the Python API uses too. Bad input
+ends with one line on stderr and exit code 2.
+
+From here a command flows: :func:`run` -> ``experiments.run_command`` -> ``experiments.compare``
+(or one phase) -> ``phases.pretrain`` -> ``loop.fit`` -> the phase's step -> ``loss.supcon_loss``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from supcon import dist
-from supcon.config import PHASES, Config, load_preset, preset_names, set_value
+from supcon.config import Config, Method, Precision, choices, preset_names, set_value, set_values
 from supcon.errors import UsageError
-
-COMMANDS = {
-    "compare": "the seed's two experiments: cross-entropy baseline vs contrastive pre-training + classifier",
-    "train-ce": "experiment 1 alone: encoder + classifier trained with cross-entropy",
-    "pretrain": "contrastive pre-training of the encoder (SupCon, or SimCLR with --method simclr)",
-    "linear": "classifier on the frozen encoder of a pre-training run (--from DIR)",
-    "eval": "test accuracy (and kNN) of the models in a run folder (--from DIR)",
-}
-# Which phases the phase-level flags (--epochs, --batch-size, --lr, ...) apply to.
-COMMAND_PHASES = {"compare": PHASES, "train-ce": ("ce",), "pretrain": ("pretrain",), "linear": ("linear",)}
 
 
 def _positive_int(text: str) -> int:
@@ -42,9 +38,65 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
+
+
+@dataclass(frozen=True)
+class Flag:
+    flag: str
+    key: str  # config key it sets; "{phase}." keys apply to every phase the command runs
+    help: str
+    group: str = "training"
+    type: Any = str
+    choices: tuple[str, ...] | None = None
+    switch: bool = False  # a flag without a value that sets True
+    metavar: str | None = None
+    commands: tuple[str, ...] | None = None  # None: every training command
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("--dataset", "data.dataset", "registered dataset: digits, cifar10, cifar100, imagefolder", "data"),
+    Flag(
+        "--data",
+        "data.path",
+        "image folder (PATH/train/<class>/*, PATH/test/<class>/*) or a CIFAR copy",
+        "data",
+        metavar="PATH",
+    ),  # fmt: skip
+    Flag("--image-size", "data.image_size", "resize images to N x N", "data", _positive_int, metavar="N"),
+    Flag(
+        "--val-fraction",
+        "data.val_fraction",
+        "share of the training set held out for validation",
+        "data",
+        float,
+        metavar="F",
+    ),  # fmt: skip
+    Flag("--epochs", "{phase}.epochs", "epochs of each phase run here", type=_positive_int, metavar="N"),
+    Flag("--batch-size", "{phase}.batch_size", "(global) batch size", type=_positive_int, metavar="N"),
+    Flag("--lr", "{phase}.lr", "learning rate", type=_positive_float),
+    Flag("--seed", "seed", "random seed (data order, initial weights, augmentation)", type=int),
+    Flag("--encoder", "model.encoder", "encoder from the registry (keras-cnn, resnet18, ...)"),
+    Flag("--method", "loss.method", "contrastive method", choices=choices(Method)),
+    Flag("--temperature", "loss.temperature", "loss temperature", type=_positive_float),
+    Flag("--device", "device", "auto (CUDA when present), cpu, cuda or cuda:N"),
+    Flag(
+        "--precision",
+        "precision",
+        "autocast precision (auto: bf16 where native, fp16 on older GPUs)",
+        choices=choices(Precision),
+    ),  # fmt: skip
+    Flag("--sync-bn", "sync_bn", "synchronise BatchNorm over all processes (under torchrun)", switch=True),
+    Flag(
+        "--finetune",
+        "linear.finetune",
+        "train the pre-trained encoder with the classifier (default: frozen encoder)",
+        switch=True,
+        commands=("compare", "linear"),
+    ),  # fmt: skip
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,13 +105,56 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _add_flags(p: argparse.ArgumentParser, command: str) -> None:
+    groups: dict[str, Any] = {}
+    for f in FLAGS:
+        if f.commands is not None and command not in f.commands:
+            continue
+        group = groups.setdefault(f.group, p.add_argument_group(f.group))
+        dest = f.flag[2:].replace("-", "_")
+        if f.switch:
+            group.add_argument(f.flag, dest=dest, action="store_true", default=None, help=f.help)
+        else:
+            group.add_argument(
+                f.flag, dest=dest, type=f.type, choices=f.choices, metavar=f.metavar, help=f.help
+            )
+    cfg = p.add_argument_group("configuration")
+    cfg.add_argument(
+        "--preset",
+        metavar="NAME|FILE",
+        help=f"config preset or YAML file (default keras-example; one of: {', '.join(preset_names())})",
+    )
+    cfg.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set pretrain.lr=0.5 (repeatable)",
+    )
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, metavar="DIR", help="run folder (default runs/<command>-<time>)")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    out.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    out.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        metavar="N",
+        help="stop cleanly once a phase has N epochs (continue later with --resume)",
+    )
+    out.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from supcon.experiments import COMMANDS
+
     parser = _Parser(prog="supcon", description="Supervised contrastive learning of image classifiers.")
     parser.add_argument("--version", action="version", version=f"supcon {__import__('supcon').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
-    for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name in ("linear", "eval"):
+    for name, spec in COMMANDS.items():
+        p = sub.add_parser(name, help=spec.help, description=spec.help)
+        if spec.needs_from:
             p.add_argument(
                 "--from",
                 dest="from_dir",
@@ -68,165 +163,66 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="DIR",
                 help="run folder of a finished run (its config.yaml and weights/ are used)",
             )
-        data = p.add_argument_group("data")
-        data.add_argument("--dataset", help="registered dataset: digits, cifar10, cifar100, imagefolder")
-        data.add_argument(
-            "--data",
-            metavar="PATH",
-            help="image folder (PATH/train/<class>/*, PATH/test/<class>/*) or a CIFAR copy",
-        )
-        data.add_argument("--image-size", type=_positive_int, metavar="N", help="resize images to N x N")
-        data.add_argument(
-            "--val-fraction",
-            type=float,
-            metavar="F",
-            help="share of the training set held out for validation (default from preset)",
-        )
-        if name == "eval":
+        if spec.trains:
+            _add_flags(p, name)
+        else:
             p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-            continue
-        cfg = p.add_argument_group("configuration")
-        cfg.add_argument(
-            "--preset",
-            metavar="NAME|FILE",
-            help=f"config preset or YAML file (default keras-example; one of: {', '.join(preset_names())})",
-        )
-        cfg.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override any config field, e.g. --set pretrain.lr=0.5 (repeatable)",
-        )
-        train = p.add_argument_group("training")
-        train.add_argument("--epochs", type=_positive_int, metavar="N", help="epochs of each phase run here")
-        train.add_argument("--batch-size", type=_positive_int, metavar="N", help="(global) batch size")
-        train.add_argument("--lr", type=_positive_float, help="learning rate")
-        train.add_argument("--seed", type=int, help="random seed (data order, initial weights, augmentation)")
-        train.add_argument("--encoder", help="encoder from the registry (keras-cnn, resnet18, ...)")
-        train.add_argument("--method", choices=["supcon", "simclr"], help="contrastive method")
-        train.add_argument("--temperature", type=_positive_float, help="loss temperature")
-        train.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
-        train.add_argument(
-            "--precision",
-            choices=["auto", "fp32", "bf16", "fp16"],
-            help="autocast precision (auto: bf16 on CUDA and on CPUs with native bf16)",
-        )
-        train.add_argument(
-            "--sync-bn",
-            action="store_true",
-            default=None,
-            help="synchronise BatchNorm over all processes (under torchrun)",
-        )
-        if name in ("linear", "compare"):
-            train.add_argument(
-                "--finetune",
-                action="store_true",
-                default=None,
-                help="train the pre-trained encoder together with the classifier (default: frozen encoder)",
-            )
-        train.add_argument(
-            "--stop-after",
-            type=_positive_int,
-            metavar="N",
-            help="stop cleanly once a phase has N epochs (continue later with --resume)",
-        )
-        out = p.add_argument_group("output")
-        out.add_argument("--out", type=Path, metavar="DIR", help="run folder (default runs/<command>-<time>)")
-        out.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-        out.add_argument(
-            "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
-        )
-        out.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     return parser
 
 
-def resolve_config(args: argparse.Namespace, base: Config | None = None) -> Config:
-    """Preset (or ``base``), then explicit flags, then --set overrides."""
-    if base is not None:
-        cfg = base
-        if args.preset:
-            raise UsageError(
-                "--preset cannot change the config of an existing run; drop it with --resume/--from"
-            )
-    else:
-        cfg = load_preset(args.preset or "keras-example")
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The explicit flags as ``{config key: value}`` (what ``--set`` would apply)."""
+    from supcon.experiments import COMMANDS
+
+    out: dict[str, Any] = {}
+    for f in FLAGS:
+        value = getattr(args, f.flag[2:].replace("-", "_"), None)
+        if value is None:
+            continue
+        keys = (
+            [f.key.format(phase=p) for p in COMMANDS[args.command].phases] if "{phase}" in f.key else [f.key]
+        )
+        out |= dict.fromkeys(keys, value)
     if args.data is not None:
-        cfg.data.path = args.data
-        cfg.data.dataset = args.dataset  # None: recognised from the folder
+        out["data.dataset"] = args.dataset  # None: recognised from the folder
     elif args.dataset is not None:
-        cfg.data.dataset, cfg.data.path = args.dataset, None
-    if args.image_size is not None:
-        cfg.data.image_size = args.image_size
-    if args.val_fraction is not None:
-        cfg.data.val_fraction = args.val_fraction
-    for phase in COMMAND_PHASES.get(args.command, ()):
-        p = getattr(cfg, phase)
-        for flag, key in (("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr")):
-            if getattr(args, flag, None) is not None:
-                setattr(p, key, getattr(args, flag))
-    for flag, (section, key) in {
-        "encoder": ("model", "encoder"),
-        "method": ("loss", "method"),
-        "temperature": ("loss", "temperature"),
-    }.items():
-        if getattr(args, flag, None) is not None:
-            setattr(getattr(cfg, section), key, getattr(args, flag))
-    if getattr(args, "seed", None) is not None:
-        cfg.seed = args.seed
-    if getattr(args, "device", None) is not None:
-        cfg.device = args.device
-    if getattr(args, "precision", None) is not None:
-        cfg.precision = args.precision
-    if getattr(args, "sync_bn", None):
-        cfg.sync_bn = True
-    if getattr(args, "finetune", None):
-        cfg.linear.finetune = True
-    for assignment in getattr(args, "set", []):
+        out["data.path"] = None
+    return out
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Preset (or the saved config on --resume, or the --from run's for linear), then the explicit
+    flags, then --set overrides."""
+    from supcon.experiments import base_config
+
+    resume_dir = args.out if args.resume else None
+    cfg = base_config(args.command, args.preset, resume_dir, getattr(args, "from_dir", None))
+    set_values(cfg, flag_overrides(args))
+    for assignment in args.set:
         set_value(cfg, assignment)
+    if cfg.tune_cpu is None:
+        cfg.tune_cpu = True
     return cfg
-
-
-def _saved_config(run_dir: Path) -> Config:
-    import yaml
-
-    from supcon.config import from_dict
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UsageError(f"{run_dir} is not a supcon run folder (no config.yaml)")
-    return from_dict(yaml.safe_load(path.read_text()) or {})
 
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from supcon import experiments as ex
+    from supcon.experiments import COMMANDS, evaluate_run
 
-    if args.command == "eval":
-        if not args.from_dir.is_dir():
-            raise UsageError(f"run folder does not exist: {args.from_dir}")
-        cfg = _saved_config(args.from_dir)
-        rows = ex.evaluate_run(cfg, args.from_dir, device=args.device or "auto")
-        for r in rows:
+    if not COMMANDS[args.command].trains:
+        for r in evaluate_run(args.from_dir, device=args.device or "auto"):
             print(f"{r['experiment']}: {100 * r['test_acc']:.2f}%")
         return 0
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out DIR (the run folder to continue)")
+    from supcon.rundir import default_run_dir
 
-    if args.command == "linear":
-        if not args.from_dir.is_dir():
-            raise UsageError(f"run folder does not exist: {args.from_dir}")
-        base = _saved_config(args.from_dir) if not args.resume else None
-    else:
-        base = None
-    run_dir = args.out or Path("runs") / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.resume:
-        if args.out is None:
-            raise UsageError("--resume needs --out DIR (the run folder to continue)")
-        base = _saved_config(run_dir)
-    cfg = resolve_config(args, base)
+    args.out = args.out or default_run_dir(args.command)
+    cfg = resolve_config(args)
     # Under torchrun: join the process group (gloo on CPU, NCCL on CUDA); a no-op otherwise.
     device = dist.init_from_env(cfg.device)
     try:
-        code = _train(args, cfg, run_dir, device)
+        code = _train(args, cfg, device)
         # Every rank finishes (rank 0 writes the last files) before any rank tears down its
         # connections: a rank that exits while a peer still talks to it can abort in gloo.
         dist.barrier()
@@ -235,14 +231,15 @@ def run(argv: list[str] | None = None) -> int:
         dist.destroy()
 
 
-def _train(args: argparse.Namespace, cfg: Config, run_dir: Path, device: str) -> int:
+def _train(args: argparse.Namespace, cfg: Config, device: str) -> int:
     from supcon import experiments as ex
     from supcon.report import table
-    from supcon.train import Interrupted
+    from supcon.rundir import open_run
+    from supcon.stop import Interrupted
 
-    ctx = ex.open_run(
+    run = open_run(
         cfg,
-        run_dir,
+        args.out,
         overwrite=args.overwrite,
         resume=args.resume,
         progress=not args.quiet,
@@ -250,23 +247,28 @@ def _train(args: argparse.Namespace, cfg: Config, run_dir: Path, device: str) ->
         stop_after=args.stop_after,
     )
     try:
-        with ctx.stop:
-            results = ex.run_command(ctx, args.command, getattr(args, "from_dir", None))
+        with run.stop:
+            results = ex.run_command(run, args.command, getattr(args, "from_dir", None))
     except Interrupted as stop:
-        if not dist.is_main():
-            return 0
-        print(
-            f"stopped: progress saved in {stop.checkpoint}; continue with the same command plus "
-            f"--resume --out {run_dir}",
-            file=sys.stderr,
-        )
+        if dist.is_main():
+            print(f"stopped: progress saved in {stop.checkpoint}; continue with: {_resume_command(args)}",
+                  file=sys.stderr)  # fmt: skip
         return 0
-    if not dist.is_main():
-        return 0
-    print()
-    print(table(results["rows"]))
-    print(f"\nrun folder: {run_dir}  (report.md, curves.png, metrics.jsonl, weights/)")
+    finally:
+        run.close()
+    if dist.is_main():
+        print()
+        print(table(results["rows"]))
+        print(f"\nrun folder: {args.out}  (report.md, curves.png, metrics.jsonl, weights/)")
     return 0
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """A command that continues this run: the saved config is the base, so no other flag is needed."""
+    parts = ["supcon", args.command]
+    if getattr(args, "from_dir", None) is not None:
+        parts += ["--from", str(args.from_dir)]
+    return " ".join([*parts, "--resume", "--out", str(args.out)])
 
 
 def main(argv: list[str] | None = None) -> None:

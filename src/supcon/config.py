@@ -1,95 +1,118 @@
 """Typed configuration: dataclasses, YAML presets, strict loading and ``section.key=value`` overrides.
 
-The resolved config is written into every run folder and checkpoint, so a resume rebuilds the
-same model and a result can be traced to exactly what produced it.
+The types say the valid values once: a ``Literal[...]`` lists the choices of a field, and a field's
+``metadata`` its numeric range. Loading, ``--set``, validation and the command line's ``--help`` all
+read them from here. The resolved config is written into every run folder and checkpoint, so a
+resume rebuilds the same model and a result can be traced to exactly what produced it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from supcon.errors import UsageError
+
+Augment = Literal["none", "supcon", "crop-flip"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Projection = Literal["none", "linear", "mlp"]
+ClassifierKind = Literal["dropout-dense", "linear"]
+Method = Literal["supcon", "simclr"]
+Variant = Literal["out", "in", "npairs"]
+Schedule = Literal["constant", "cosine", "step"]
+
+
+def choices(tp: Any) -> tuple[str, ...]:
+    """The values a ``Literal`` type allows (for ``--help`` and argparse ``choices``)."""
+    return typing.get_args(tp)
+
+
+def _num(default: Any, *, ge: float | None = None, gt: float | None = None, lt: float | None = None):
+    """A numeric field with its allowed range (``ge`` <= x, ``gt`` < x, x < ``lt``)."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "lt": lt})
 
 
 @dataclass
 class DataConfig:
     dataset: str | None = "digits"  # registry name; None with `path` = recognise the folder
     path: str | None = None
-    image_size: int | None = None  # resize (image folders) / scale (digits)
-    val_fraction: float = 0.0  # carved from train for monitoring/model selection; test is touched once
+    image_size: int | None = _num(None, ge=1)  # resize (image folders) / scale (digits)
+    val_fraction: float = _num(0.0, ge=0, lt=1)  # carved from train; the test set is touched once
     normalize: bool = False  # standardise inputs with the training set's per-channel mean/std
 
 
 @dataclass
 class ModelConfig:
     encoder: str = "keras-cnn"
-    feature_dim: int = 128  # output size of encoders that have a final dense layer (keras-cnn)
-    width: int = 64  # base width of ResNets
+    feature_dim: int = _num(128, ge=1)  # output size of encoders with a final dense layer (keras-cnn)
+    width: int = _num(64, ge=1)  # base width of ResNets
     blocks: list[int] | None = None  # blocks per ResNet stage (None = the standard depth)
-    projection: str = "none"  # none | linear | mlp: head used only by the contrastive loss
-    projection_dim: int = 128
-    projection_hidden: int | None = None
+    projection: Projection = "none"  # head used only by the contrastive loss
+    projection_dim: int = _num(128, ge=1)
+    projection_hidden: int | None = _num(None, ge=1)
     projection_bn: bool = False
-    classifier: str = "dropout-dense"  # dropout-dense (the seed's) | linear (a linear probe)
-    classifier_hidden: int = 64
-    dropout: float = 0.5
+    classifier: ClassifierKind = "dropout-dense"  # the Keras example's head, or a linear probe
+    classifier_hidden: int = _num(64, ge=1)
+    dropout: float = _num(0.5, ge=0, lt=1)
 
 
 @dataclass
 class LossConfig:
-    method: str = "supcon"  # supcon (labels) | simclr (no labels)
-    variant: str = "npairs"  # out | in | npairs
-    temperature: float = 0.05
-    chunk_size: int | None = None
+    method: Method = "supcon"  # supcon (labels) | simclr (no labels)
+    variant: Variant = "npairs"
+    temperature: float = _num(0.05, gt=0)
+    chunk_size: int | None = _num(None, ge=1)
 
 
 @dataclass
 class PhaseConfig:
-    epochs: int = 50
-    batch_size: int = 256
+    epochs: int = _num(50, ge=1)
+    batch_size: int = _num(256, ge=1)
     optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    eps: float = 1e-7  # Keras' Adam epsilon
-    schedule: str = "constant"  # constant | cosine | step
-    warmup_epochs: float = 0.0
+    lr: float = _num(1e-3, gt=0)
+    weight_decay: float = _num(0.0, ge=0)
+    momentum: float = _num(0.9, ge=0, lt=1)
+    eps: float = _num(1e-7, gt=0)  # Keras' Adam epsilon
+    schedule: Schedule = "constant"
+    warmup_epochs: float = _num(0.0, ge=0)
     scale_lr: bool = False  # lr * batch_size / 256
-    augment: str = "none"  # none | supcon (crop, flip, colour jitter, grayscale) | crop-flip
-    views: int = 1
+    augment: Augment = "none"  # supcon: crop, flip, colour jitter, grayscale; crop-flip: the light one
+    views: int = _num(1, ge=1)
     finetune: bool = False  # linear phase only: train the encoder too (full fine-tuning), not a probe
 
 
 @dataclass
 class Config:
     name: str = "keras-example"
-    seed: int = 0
+    seed: int = _num(0, ge=0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; the loss always runs in fp32)
+    precision: Precision = "auto"  # autocast; the loss always runs in fp32
     channels_last: bool = True
     compile: bool = False
     sync_bn: bool = False  # BatchNorm over the global batch when training on several processes
     deterministic: bool = False
-    knn_every: int = 0  # kNN monitor every N pre-training epochs (0 = off)
-    knn_k: int = 200
-    knn_temperature: float = 0.1
-    keep_checkpoints: int = 2
+    # Process-wide CPU settings (supcon.runtime.tune_cpu); None: the command line turns them on,
+    # the Python API leaves the process alone.
+    tune_cpu: bool | None = None
+    knn_every: int = _num(0, ge=0)  # kNN monitor every N pre-training epochs (0 = off)
+    knn_k: int = _num(200, ge=1)
+    knn_temperature: float = _num(0.1, gt=0)
+    keep_checkpoints: int = _num(2, ge=0)  # 0 keeps all
+    checkpoint_every: int = _num(1, ge=1)  # epochs between checkpoints (the last epoch always saves)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ce: PhaseConfig = field(default_factory=PhaseConfig)  # experiment 1: encoder + classifier, cross-entropy
     pretrain: PhaseConfig = field(default_factory=PhaseConfig)  # experiment 2a: contrastive pre-training
-    linear: PhaseConfig = field(
-        default_factory=PhaseConfig
-    )  # experiment 2b: classifier on the frozen encoder
+    linear: PhaseConfig = field(default_factory=PhaseConfig)  # experiment 2b: classifier on the encoder
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,6 +126,10 @@ PHASES = ("ce", "pretrain", "linear")
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise UsageError(f"{key} must be one of: {', '.join(map(str, choices(tp)))}; got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -122,6 +149,12 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         return [_check_type(v, inner, key) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-8 (no dot) as a string; a float field takes what float() takes.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise UsageError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
     return value
@@ -161,6 +194,22 @@ def preset_names() -> list[str]:
     )
 
 
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    """A YAML mapping; a syntax error is one line naming ``source`` and the line and column."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{source}:{where}: not valid YAML ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
 def load_preset(name_or_path: str) -> Config:
     """A preset by name (``src/supcon/configs/<name>.yaml``) or a YAML file path."""
     path = Path(name_or_path)
@@ -173,11 +222,7 @@ def load_preset(name_or_path: str) -> Config:
         if not res.is_file():
             raise UsageError(f"unknown preset {name_or_path!r}; choose one of: {', '.join(preset_names())}")
         text = res.read_text()
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise UsageError(f"config {name_or_path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return from_dict(data)
+    return from_dict(parse_yaml(text, f"config {name_or_path}"))
 
 
 def set_value(cfg: Config, assignment: str) -> None:
@@ -204,38 +249,47 @@ def set_values(cfg: Config, overrides: dict[str, Any]) -> None:
         _apply(cfg, data)
 
 
+def _check_fields(obj: Any, prefix: str = "") -> None:
+    """Every field's type (values set in Python skip the loading checks) and numeric range."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, key + ".")
+            continue
+        _check_type(value, hints[f.name], key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{key} must be a finite number, got {value}")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        ge, gt, lt = f.metadata.get("ge"), f.metadata.get("gt"), f.metadata.get("lt")
+        if ge is not None and value < ge:
+            raise UsageError(f"{key} must be at least {ge:g}, got {value}")
+        if gt is not None and not value > gt:
+            raise UsageError(f"{key} must be greater than {gt:g}, got {value}")
+        if lt is not None and not value < lt:
+            raise UsageError(f"{key} must be below {lt:g}, got {value}")
+
+
 def validate(cfg: Config) -> None:
-    """Reject nonsense values with one line naming the key."""
+    """Reject nonsense values with one line naming the key: types and ranges from the field
+    definitions, then the rules that tie fields together, then registry names."""
+    _check_fields(cfg)
     for phase in PHASES:
-        p: PhaseConfig = getattr(cfg, phase)
-        if p.epochs < 1:
-            raise UsageError(f"{phase}.epochs must be positive, got {p.epochs}")
-        if p.batch_size < 1:
-            raise UsageError(f"{phase}.batch_size must be positive, got {p.batch_size}")
-        if p.lr <= 0:
-            raise UsageError(f"{phase}.lr must be positive, got {p.lr}")
-        if p.views < 1:
-            raise UsageError(f"{phase}.views must be at least 1, got {p.views}")
-        if p.augment not in ("none", "supcon", "crop-flip"):
-            raise UsageError(f"{phase}.augment must be one of: crop-flip, none, supcon; got {p.augment!r}")
-        if p.schedule not in ("constant", "cosine", "step"):
-            raise UsageError(f"{phase}.schedule must be one of: constant, cosine, step; got {p.schedule!r}")
-        if p.finetune and phase != "linear":
+        if getattr(cfg, phase).finetune and phase != "linear":
             raise UsageError(f"{phase}.finetune: only the linear phase fine-tunes (set linear.finetune)")
-    if cfg.loss.temperature <= 0:
-        raise UsageError(f"loss.temperature must be positive, got {cfg.loss.temperature}")
-    if cfg.loss.method not in ("supcon", "simclr"):
-        raise UsageError(f"loss.method must be one of: simclr, supcon; got {cfg.loss.method!r}")
-    if cfg.loss.variant not in ("out", "in", "npairs"):
-        raise UsageError(f"loss.variant must be one of: in, npairs, out; got {cfg.loss.variant!r}")
-    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise UsageError(f"precision must be one of: auto, bf16, fp16, fp32; got {cfg.precision!r}")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise UsageError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    if cfg.model.classifier not in ("dropout-dense", "linear"):
+    pre = cfg.pretrain
+    if pre.views == 1 and (cfg.loss.method == "simclr" or pre.batch_size == 1):
+        why = "SimCLR's positives are other views" if cfg.loss.method == "simclr" else "batch_size 1"
         raise UsageError(
-            f"model.classifier must be one of: dropout-dense, linear; got {cfg.model.classifier!r}"
+            f"pretrain with views=1 and {why}: no anchor ever has a positive, so the loss teaches "
+            "nothing; use pretrain.views >= 2 (with augmentation) or a larger batch"
         )
+    if cfg.model.blocks is not None and (not 1 <= len(cfg.model.blocks) <= 4 or min(cfg.model.blocks) < 1):
+        raise UsageError(f"model.blocks must be 1 to 4 positive counts per stage, got {cfg.model.blocks}")
+    from supcon.runtime import check_device_name
+
+    check_device_name(cfg.device)
     # Imported here, not at the top: the config module stays free of torch models.
     from supcon.encoders import ENCODERS
     from supcon.optim import OPTIMIZERS
@@ -244,5 +298,3 @@ def validate(cfg: Config) -> None:
     ENCODERS.get(cfg.model.encoder)
     for phase in PHASES:
         OPTIMIZERS.get(getattr(cfg, phase).optimizer)
-    if cfg.model.projection not in ("none", "linear", "mlp"):
-        raise UsageError(f"model.projection must be one of: linear, mlp, none; got {cfg.model.projection!r}")

@@ -13,7 +13,15 @@ import numpy as np
 import torch
 
 from supcon.errors import UsageError
-from supcon.registry import Registry
+from supcon.registry import DATASETS, register_dataset
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """Per-channel input standardisation, in [0, 1] units: ``(x - mean) / std``."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 @dataclass
@@ -24,6 +32,7 @@ class ImageDataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     classes: list[str]
+    norm: Normalize | None = None  # how model inputs are standardised (None: plain [0, 1])
 
     @property
     def num_classes(self) -> int:
@@ -42,10 +51,6 @@ class ImageDataset:
             f"{self.name}: {len(self.train_y)} train / {len(self.test_y)} test images, "
             f"{self.image_size}x{self.image_size}x{self.channels}, {self.num_classes} classes"
         )
-
-
-DATASETS: Registry[ImageDataset] = Registry("dataset")
-register_dataset = DATASETS.register
 
 
 def _from_arrays(name, x_train, y_train, x_test, y_test, classes) -> ImageDataset:
@@ -68,7 +73,7 @@ def load_digits(
 ) -> ImageDataset:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images; works offline).
 
-    Shown at 16x16 by default (nearest-neighbour, each pixel doubled): the seed's CNN needs at
+    Shown at 16x16 by default (nearest-neighbour, each pixel doubled): the Keras example's CNN needs at
     least 10x10 pixels for its two valid convolutions and poolings. The train/test split is
     stratified and fixed by ``seed``.
     """
@@ -143,6 +148,16 @@ def load_dataset(name: str | None = None, path: str | None = None, **kwargs) -> 
     return DATASETS.get(name or "digits")(**kwargs)
 
 
+@dataclass
+class Split:
+    """The training data of a run, after carving the validation split."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+
+
 def split_validation(
     x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,4 +174,41 @@ def split_validation(
     val = torch.cat(val_idx).sort().values
     keep = torch.ones(len(y), dtype=torch.bool)
     keep[val] = False
+    if not bool(keep.any()):
+        raise UsageError(
+            f"data.val_fraction={fraction} leaves no training images ({len(y)} in all); use a smaller share"
+        )
     return x[keep], y[keep], x[val], y[val]
+
+
+def channel_stats(images: torch.Tensor) -> Normalize:
+    """Per-channel mean/std (in [0, 1] units) of uint8 images [N, H, W, C]."""
+    x = images.reshape(-1, images.shape[-1])
+    mean = torch.zeros(x.shape[1], dtype=torch.float64)
+    sq = torch.zeros(x.shape[1], dtype=torch.float64)
+    for i in range(0, len(x), 1 << 22):  # chunks keep the float copy small
+        c = x[i : i + (1 << 22)].double() / 255.0
+        mean += c.sum(0)
+        sq += c.square().sum(0)
+    mean /= len(x)
+    std = (sq / len(x) - mean.square()).clamp_min(1e-12).sqrt()
+    return Normalize(tuple(mean.tolist()), tuple(std.tolist()))
+
+
+def load_split(data_cfg, seed: int, progress: bool = True) -> tuple[ImageDataset, Split]:
+    """The dataset of a run and its train/validation split (``data_cfg``: a ``config.DataConfig``).
+
+    With ``normalize``, the training split's channel statistics become the dataset's ``norm``. Under
+    torchrun the first process of each machine loads (downloads, decodes, caches) first and the
+    others then read its cache: one download and one decode per machine, and no process removes
+    files another is reading.
+    """
+    from supcon import dist
+
+    d = data_cfg
+    with dist.local_main_first():
+        data = load_dataset(d.dataset, d.path, image_size=d.image_size, seed=seed, progress=progress)
+    split = Split(*split_validation(data.train_x, data.train_y, d.val_fraction, seed))
+    if d.normalize:
+        data.norm = channel_stats(split.train_x)
+    return data, split

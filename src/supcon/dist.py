@@ -7,6 +7,7 @@ dimension on each rank: the gathers exchange the sizes, pad to the largest and t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -209,3 +210,25 @@ def all_gather_object(obj):
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (torchrun's LOCAL_RANK); 0 without a process group."""
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", "0")) if is_dist() else 0
+
+
+@contextlib.contextmanager
+def local_main_first():
+    """Run the body on each machine's first process, then on the others (all ranks call it).
+
+    For work that fills a per-machine cache (a download, a decode): the first process does it, the
+    others then find it done. A no-op in one process.
+    """
+    first = local_rank() == 0
+    if not first:
+        barrier()
+    yield
+    if first:
+        barrier()

@@ -27,15 +27,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import numpy as np
 
+from supcon.archives import extract, member_name, open_tar, safe_members
 from supcon.errors import UsageError
-from supcon.files import umask_mode
+from supcon.files import default_root, umask_mode
 
 RawSplit = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]
 
@@ -87,12 +87,6 @@ CIFAR: dict[str, CifarSpec] = {
         num_classes=100,
     ),
 }
-
-
-def default_root() -> Path:
-    """The cache folder: ``$SUPCON_DATA`` if set, else ``~/.cache/supcon``."""
-    env = os.environ.get("SUPCON_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "supcon"
 
 
 def load_cifar(
@@ -180,13 +174,13 @@ def _read_archive(spec: CifarSpec, archive: Path) -> dict[str, tuple[Any, str]]:
         wanted[f] = f
         wanted[f"{spec.folder}/{f}"] = f
     out: dict[str, tuple[Any, str]] = {}
-    with _open_tar(archive) as tf:
-        for member in _iter_members(tf, archive):
-            key = wanted.get(_norm(member.name))
+    with open_tar(archive) as tf:
+        for member in safe_members(tf, archive):
+            key = wanted.get(member_name(member.name))
             if key is None or not member.isfile():
                 continue
             fh = tf.extractfile(member)
-            if fh is None:  # not a regular file; _iter_members already refused links and devices
+            if fh is None:  # not a regular file; safe_members already refused links and devices
                 continue
             label = f"{archive}:{member.name}"
             with fh:
@@ -214,7 +208,7 @@ def _load_cached(spec: CifarSpec, root: Path, url: str | None, md5: str | None, 
         # left by an older version (or by hand) is replaced rather than extracted.
         if not archive.is_file() or _md5_of(archive) != md5:
             _download(url, archive, md5, progress)
-        _extract(archive, extracted)
+        extract(archive, extracted)
         folder = _complete_folder(spec, extracted)
         if folder is None:
             shutil.rmtree(extracted, ignore_errors=True)
@@ -326,85 +320,6 @@ def _stream(url: str, out: IO[bytes], progress: bool, label: str) -> str:
     if total is not None and received != total:
         raise _network_error(url, f"connection closed after {received} of {total} bytes")
     return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- safe extraction
-
-
-def _norm(name: str) -> str:
-    # Archives made with ``tar -C dir .`` prefix every member with "./"; it means the same file.
-    while name.startswith("./"):
-        name = name[2:]
-    return name.rstrip("/")
-
-
-def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
-    name = member.name
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        return "absolute path"
-    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
-        return "'..' in its path"
-    if member.issym() or member.islnk():
-        return "link"
-    if not (member.isfile() or member.isdir()):
-        return "device, fifo or other special file"
-    return None
-
-
-@contextlib.contextmanager
-def _open_tar(archive: Path) -> Iterator[tarfile.TarFile]:
-    try:
-        with tarfile.open(archive, "r:*") as tf:
-            yield tf
-    except (tarfile.TarError, EOFError, zlib.error) as e:
-        raise UsageError(f"cannot read archive {archive}: corrupt or truncated ({e})") from None
-    except OSError as e:
-        # gzip reports bad data as OSError without an errno (BadGzipFile); an errno means the
-        # system refused something (a full disk while extracting, say), which is not corruption.
-        if e.errno is not None:
-            raise
-        raise UsageError(f"cannot read archive {archive}: corrupt or truncated ({e})") from None
-
-
-def _iter_members(tf: tarfile.TarFile, archive: Path) -> Iterator[tarfile.TarInfo]:
-    for member in tf:
-        reason = _unsafe_reason(member)
-        if reason is not None:
-            raise UsageError(f"refusing archive {archive}: member {member.name!r} is unsafe ({reason})")
-        yield member
-
-
-def _extract(archive: Path, dest: Path) -> None:
-    """Extract into a temp folder beside ``dest``, then rename, so ``dest`` is whole or absent."""
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
-    except OSError as e:
-        raise UsageError(f"cannot write to the data cache folder {dest.parent}: {e.strerror or e}") from None
-    try:
-        with _open_tar(archive) as tf:
-            # Check every member before writing any: a refused archive leaves nothing behind.
-            members = list(_iter_members(tf, archive))
-            if hasattr(tarfile, "data_filter"):
-                tf.extractall(tmp, members=members, filter="data")
-            else:  # Pythons before 3.10.12/3.11.4: the member check above is the whole defence
-                tf.extractall(tmp, members=members)
-        os.chmod(tmp, umask_mode(0o777))
-        if dest.exists():
-            # A previous extraction was interrupted or is incomplete: replace it.
-            shutil.rmtree(dest)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            # Another process finished the same extraction first; its copy is as good as ours.
-            if not dest.is_dir():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UsageError(f"cannot extract {archive} into {dest.parent}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------- parsing

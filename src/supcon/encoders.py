@@ -1,72 +1,20 @@
-"""Encoders: image batch [B, C, H, W] -> feature vector [B, D], in a registry.
+"""Encoders: image batch [B, C, H, W] -> feature vector [B, D], built by registry name.
 
 Every encoder has ``feature_dim`` and ``forward_features`` (the representation that heads and
-evaluation use; for these models it is the same as ``forward``).
+evaluation use; for these models it is the same as ``forward``). The modules below register
+themselves on import: ``keras_cnn`` (the Keras example's CNN) and ``resnet`` (CIFAR ResNets).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from supcon.kernels import conv3x3_pool2_relu, max_pool2_relu
-from supcon.registry import Registry
+from supcon import keras_cnn, resnet  # noqa: F401 (they register their encoders)
+from supcon.keras_cnn import KerasCNN, keras_init_
+from supcon.registry import ENCODERS, register_encoder
 
-ENCODERS: Registry[nn.Module] = Registry("encoder")
-register_encoder = ENCODERS.register
+__all__ = ["ENCODERS", "KerasCNN", "build_encoder", "keras_init_", "register_encoder"]
 
 
 def build_encoder(name: str, **kwargs) -> nn.Module:
     return ENCODERS.get(name)(**kwargs)
-
-
-def keras_init_(module: nn.Module) -> nn.Module:
-    """Initialise as Keras does: Glorot-uniform kernels, zero biases (matters for matching the seed)."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d | nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    return module
-
-
-@register_encoder("keras-cnn")
-class KerasCNN(nn.Module):
-    """The seed's encoder: Conv(32,3x3,valid)-ReLU-MaxPool2-Conv(64,3x3,valid)-ReLU-MaxPool2-Flatten-Dense.
-
-    314,432 parameters for 32x32x3 input and ``feature_dim=128``.
-    """
-
-    def __init__(self, in_channels: int = 3, image_size: int = 32, feature_dim: int = 128, **_):
-        super().__init__()
-        s1 = (image_size - 2) // 2
-        s2 = (s1 - 2) // 2
-        if s2 < 1:
-            raise ValueError(f"keras-cnn needs images of at least 10x10 pixels, got {image_size}")
-        self.conv1 = nn.Conv2d(in_channels, 32, 3)
-        self.conv2 = nn.Conv2d(32, 64, 3)
-        self.fc = nn.Linear(64 * s2 * s2, feature_dim)
-        # Both poolings floor, so some rows/columns are never read: conv2 needs only 2*s2+2 rows of
-        # the first pooling's output (14 of 15 at 32 px), which come from 2*(2*s2+2)+2 input rows
-        # (30 of 32). Cropping the input there computes exactly the same outputs with fewer
-        # operations in conv1, both poolings and conv2.
-        self._crop = 2 * (2 * s2 + 2) + 2
-        self.feature_dim = feature_dim
-        keras_init_(self)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        # max-pool then ReLU equals ReLU then max-pool (ReLU is monotone) and touches 4x fewer
-        # elements. On the CPU both are fused kernels; the first also keeps conv1's output (the
-        # largest activation) out of memory.
-        x = x[:, :, : self._crop, : self._crop]
-        x = conv3x3_pool2_relu(x, self.conv1)
-        x = max_pool2_relu(self.conv2(x))
-        # Flatten in NHWC order, as Keras does: free for channels_last tensors (no copy).
-        return self.fc(x.permute(0, 2, 3, 1).flatten(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)
-
-
-# Registrations that live in their own modules (kept last: they import this module's registry).
-import supcon.resnet  # noqa: E402, F401

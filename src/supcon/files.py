@@ -34,3 +34,10 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def default_root() -> Path:
+    """The cache folder (downloads, decoded images, compiled kernels): ``$SUPCON_DATA`` if set, else
+    ``~/.cache/supcon``."""
+    env = os.environ.get("SUPCON_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "supcon"

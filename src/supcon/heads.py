@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from supcon.encoders import keras_init_
 from supcon.errors import UsageError
+from supcon.keras_cnn import keras_init_
 
 
 class DropoutDenseHead(nn.Module):
-    """The seed's classifier head: Dropout(p) -> Dense(hidden) -> Dropout(p) -> Dense(classes).
+    """The Keras example's classifier head: Dropout(p) -> Dense(hidden) -> Dropout(p) -> Dense(classes).
 
-    No activation between the dense layers, as in the seed. Returns logits [B, classes].
+    No activation between the dense layers, as in the Keras example. Returns logits [B, classes].
     """
 
     def __init__(self, in_dim: int, num_classes: int, hidden: int = 64, dropout: float = 0.5):

@@ -140,7 +140,7 @@ def _sgd(groups, lr, momentum, betas, eps, nesterov, eta, **kw):
 
 def _fused(groups) -> dict[str, bool]:
     # One fused kernel for the whole update instead of a dozen foreach passes: the same update,
-    # 0.5 instead of 1.3 ms per step of the seed's CNN on the CPU. For float parameters on CPU/CUDA.
+    # faster (docs/performance.md). For float parameters on CPU/CUDA.
     params = [p for g in groups for p in g["params"]]
     ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return {"fused": True} if ok else {}

@@ -1,9 +1,13 @@
-"""A tiny name -> factory registry, as timm's ``@register_model``."""
+"""Name -> factory registries for encoders and datasets, as timm's ``@register_model``.
+
+The registries live here, apart from the modules that fill them, so that an encoder or dataset
+module imports only this one (no import circles) and a new entry is one decorated function.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from supcon.errors import UsageError
 
@@ -37,3 +41,9 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+ENCODERS: Registry[Any] = Registry("encoder")  # image batch [B, C, H, W] -> features [B, D]
+register_encoder = ENCODERS.register
+DATASETS: Registry[Any] = Registry("dataset")  # -> supcon.datasets.ImageDataset
+register_dataset = DATASETS.register

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from supcon.encoders import register_encoder
 from supcon.errors import UsageError
+from supcon.registry import register_encoder
 
 
 class BasicBlock(nn.Module):

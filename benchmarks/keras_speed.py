@@ -1,11 +1,11 @@
-"""Epoch times of the seed's experiments: supcon vs the seed's own Keras code, side by side.
+"""Epoch times of the Keras example's experiments: supcon vs the example's own Keras code, side by side.
 
 Runs ``supcon compare --preset keras-example`` for a few epochs, then (if a TensorFlow environment
-for it exists, see ../shared/bench/setup-seed-env.sh) the seed's Keras script on the same data and
-machine, and prints seconds per epoch of each phase with the speed-up. The first epoch of each phase
-is left out of the medians (one-off warm-up of both frameworks).
+for it exists, made by setup-seed-env.sh beside the Keras script) the example's Keras script on
+the same data and machine, and prints seconds per epoch of each phase with the speed-up. The first
+epoch of each phase is left out of the medians (one-off warm-up of both frameworks).
 
-    python benchmarks/seed_speed.py --data ../shared/data/cifar10-jpeg --epochs 3
+    python benchmarks/keras_speed.py --data ../shared/data/cifar10-jpeg --epochs 3
 
 What is timed, to compare like with like:
 - cross-entropy: a training epoch plus one pass over the test set (Keras validates every epoch);
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED_SCRIPT = ROOT.parent / "shared" / "bench" / "seed_keras.py"
+KERAS_SCRIPT = ROOT.parent / "shared" / "bench" / "seed_keras.py"
 
 
 def run_supcon(data: str, epochs: int, work: Path) -> dict:
@@ -59,26 +59,23 @@ def run_supcon(data: str, epochs: int, work: Path) -> dict:
 
 def _test_pass_seconds(run_dir: Path) -> dict:
     """Seconds of one pass over the test set with the trained models, as Keras' per-epoch validation."""
-    import yaml
-    from safetensors.torch import load_file
+    from supcon.datasets import load_split
+    from supcon.evaluate import extract_features, predict
+    from supcon.models import load_phase_model
+    from supcon.rundir import read_config
+    from supcon.runtime import resolve_runtime, tune_cpu
 
-    from supcon.config import from_dict
-    from supcon.experiments import load_data
-    from supcon.runtime import resolve_runtime
-    from supcon.train import Classifier, extract_features, make_encoder, make_head, predict
-
-    cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = read_config(run_dir)
     rt = resolve_runtime(cfg.device, cfg.precision, cfg.channels_last)
-    data, _ = load_data(cfg, rt)
-    enc = make_encoder(cfg, data)
-    model = Classifier(enc, make_head(cfg, enc.feature_dim, data.num_classes))
-    model.load_state_dict(load_file(str(run_dir / "weights" / "ce.safetensors")))
+    tune_cpu()  # as the command line's runs
+    data, _ = load_split(cfg.data, cfg.seed, progress=False)
+    model = load_phase_model(cfg, data, "ce", run_dir / "weights" / "ce.safetensors")
     model = model.to(memory_format=torch.channels_last)
-    predict(model, data.test_x[:512], rt)  # warm-up
+    predict(model, data.test_x[:512], rt, data.norm)  # warm-up
     t0 = time.perf_counter()
-    predict(model, data.test_x, rt)
+    predict(model, data.test_x, rt, data.norm)
     full = time.perf_counter() - t0
-    feats = extract_features(model.encoder, data.test_x, rt)
+    feats = extract_features(model.encoder, data.test_x, rt, data.norm)
     t0 = time.perf_counter()
     with torch.inference_mode():
         model.head.eval()(feats).argmax(1)
@@ -86,11 +83,11 @@ def _test_pass_seconds(run_dir: Path) -> dict:
 
 
 def run_keras(python: str, data: str, epochs: int, work: Path) -> dict | None:
-    if not Path(python).exists() or not SEED_SCRIPT.exists():
+    if not Path(python).exists() or not KERAS_SCRIPT.exists():
         return None
     out = work / "seed.json"
     env = {**os.environ, "EPOCHS": str(epochs), "OUT": str(out), "DATA": data}
-    subprocess.run([python, str(SEED_SCRIPT)], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run([python, str(KERAS_SCRIPT)], check=True, env=env, stdout=subprocess.DEVNULL)
     r = json.loads(out.read_text())
     return {
         "ce": r["ce"]["epoch_seconds"][1:],
@@ -127,7 +124,7 @@ def main() -> None:
         f"test pass {ours['test_pass']['full']:.2f} s"
     )
     print()
-    print("| phase | seed Keras s/epoch | supcon s/epoch | speed-up | supcon incl. amortised features |")
+    print("| phase | Keras example s/epoch | supcon s/epoch | speed-up | supcon incl. amortised features |")
     print("|---|---|---|---|---|")
     names = {
         "ce": "cross-entropy (+ test pass)",
@@ -138,9 +135,7 @@ def main() -> None:
         k = statistics.median(keras[p]) if keras else float("nan")
         print(f"| {name} | {k:.2f} | {ours_epoch[p]:.2f} | {k / ours_epoch[p]:.1f}x | {amortised[p]:.2f} |")
     if keras is None:
-        print(
-            "\n(seed Keras environment not found: run ../shared/bench/setup-seed-env.sh for the side-by-side)"
-        )
+        print("\n(Keras environment not found: run ../shared/bench/setup-seed-env.sh for the side-by-side)")
 
 
 if __name__ == "__main__":

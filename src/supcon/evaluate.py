@@ -1,0 +1,98 @@
+"""Evaluation: features, predictions, accuracy and the weighted kNN classifier, in eval mode."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from supcon.datasets import Normalize
+from supcon.runtime import Runtime
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode inside, and afterwards every submodule back in its own mode (a frozen encoder inside a
+    training classifier stays in eval)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@torch.inference_mode()
+def _batched(
+    model: nn.Module, x: torch.Tensor, rt: Runtime, norm: Normalize | None, batch_size: int
+) -> list[torch.Tensor]:
+    with eval_mode(model):
+        out = []
+        for i in range(0, len(x), batch_size):
+            with rt.autocast():
+                out.append(model(rt.images(x[i : i + batch_size], norm)).float())
+    return out
+
+
+def extract_features(
+    encoder: nn.Module, x: torch.Tensor, rt: Runtime, norm: Normalize | None = None, batch_size: int = 1024
+) -> torch.Tensor:
+    """Encoder features [N, D] (float32, on the device) of uint8 images [N, H, W, C], in eval mode."""
+    out = _batched(encoder, x, rt, norm, batch_size)
+    return torch.cat(out) if out else torch.zeros(0, 0, device=rt.device)
+
+
+def predict(
+    model: nn.Module, x: torch.Tensor, rt: Runtime, norm: Normalize | None = None, batch_size: int = 1024
+) -> torch.Tensor:
+    """Predicted class ids [N] of uint8 images (eval mode)."""
+    out = _batched(model, x, rt, norm, batch_size)
+    return torch.cat(out).argmax(1).cpu() if out else torch.zeros(0, dtype=torch.long)
+
+
+def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    return float((pred.cpu() == y.cpu()).float().mean()) if len(y) else float("nan")
+
+
+@torch.inference_mode()
+def knn_accuracy(
+    bank: torch.Tensor,
+    bank_y: torch.Tensor,
+    query: torch.Tensor,
+    query_y: torch.Tensor,
+    k: int,
+    temperature: float,
+) -> float:
+    """Weighted kNN on cosine similarity (as InstDisc/SupContrast monitors): votes exp(sim / T)."""
+    bank = F.normalize(bank.float(), dim=1)
+    query = F.normalize(query.float(), dim=1)
+    bank_y = bank_y.to(bank.device)
+    num_classes = int(bank_y.max()) + 1
+    k = min(k, len(bank))
+    correct = 0
+    for i in range(0, len(query), 1024):
+        sim = query[i : i + 1024] @ bank.T
+        w, j = sim.topk(k, dim=1)
+        votes = torch.zeros(len(w), num_classes, device=bank.device)
+        votes.scatter_add_(1, bank_y[j], (w / temperature).exp())
+        correct += int((votes.argmax(1).cpu() == query_y[i : i + 1024].cpu()).sum())
+    return correct / max(1, len(query))
+
+
+def encoder_knn(
+    encoder: nn.Module,
+    bank: tuple[torch.Tensor, torch.Tensor],
+    query: tuple[torch.Tensor, torch.Tensor],
+    rt: Runtime,
+    norm: Normalize | None,
+    k: int,
+    temperature: float,
+) -> float:
+    """kNN accuracy of ``encoder``'s features: ``query`` images classified by the ``bank`` images,
+    each an (images, labels) pair."""
+    bank_f = extract_features(encoder, bank[0], rt, norm)
+    query_f = extract_features(encoder, query[0], rt, norm)
+    return knn_accuracy(bank_f, bank[1], query_f, query[1], k, temperature)

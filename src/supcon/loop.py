@@ -1,0 +1,302 @@
+"""The training loop: :func:`fit`, one function read top to bottom, and its small named helpers.
+
+A phase hands the loop a :class:`Phase`: the module to checkpoint, the parameters to optimise and a
+``step`` that computes the loss of this rank's share of a global batch. The loop shuffles with a
+seeded generator, steps, logs a JSON line per epoch and checkpoints atomically. A checkpoint holds
+everything needed to continue exactly where the run stopped (model, optimizer, scheduler, scaler,
+the random streams of every rank, the position inside the epoch).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from supcon import dist
+from supcon.config import PhaseConfig
+from supcon.errors import UsageError
+from supcon.optim import build_optimizer, build_scheduler, scale_lr
+from supcon.rundir import Run
+from supcon.stop import Interrupted
+from supcon.streams import Streams, restore_streams
+
+PHASE_IDS = {"ce": 1, "pretrain": 2, "linear": 3}
+CHECK_EVERY = 20  # steps between host reads of the running loss (progress bar, divergence check)
+STOP_CHECK_EVERY = 16  # steps between the ranks' agreement on a stop request (a collective)
+
+
+class StepOut(NamedTuple):
+    loss: torch.Tensor  # the value to log: this rank's mean loss, or the global loss
+    backward: torch.Tensor  # what to differentiate: the loss scaled for DDP's gradient average
+    correct: torch.Tensor | None = None  # correct predictions in this rank's share
+
+
+Step = Callable[[torch.Tensor, int, torch.Generator], StepOut]
+
+
+@dataclass
+class Phase:
+    name: str  # "ce", "pretrain" or "linear"
+    cfg: PhaseConfig
+    module: nn.Module  # what is checkpointed and switched to train mode
+    params: list[nn.Parameter]
+    step: Step  # step(local indices, global batch size, augmentation generator)
+    n_train: int
+    on_epoch_end: Callable[[int], dict] | None = None  # evaluation for the epoch record (rank 0)
+
+
+class Diverged(UsageError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def ddp_global(loss: torch.Tensor) -> torch.Tensor:
+    """For a loss every rank computes over the global batch (SupCon with ``gather=True``): its
+    backward gives each rank exactly its share of the gradient, and DDP's average over ranks must
+    be undone."""
+    return loss * dist.world_size() if dist.world_size() > 1 else loss
+
+
+def ddp_share(loss: torch.Tensor, n_local: int, n_global: int) -> torch.Tensor:
+    """For a rank's mean over its share: weighted by the share, DDP's average over ranks is the mean
+    over the global batch even when the shares differ (the last batch)."""
+    world = dist.world_size()
+    return loss * (world * n_local / n_global) if world > 1 else loss
+
+
+@dataclass
+class _State:
+    epoch: int = 0
+    step: int = 0  # first step of the epoch in progress (non-zero after a mid-epoch resume)
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Totals:
+    loss: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+
+
+def _optimization(phase: Phase, steps_per_epoch: int, device: torch.device):
+    pc = phase.cfg
+    lr = scale_lr(pc.lr, pc.batch_size) if pc.scale_lr else pc.lr
+    opt = build_optimizer(
+        phase.params, pc.optimizer, lr=lr, weight_decay=pc.weight_decay, momentum=pc.momentum, eps=pc.eps
+    )
+    sched = build_scheduler(
+        opt,
+        pc.schedule,
+        total_steps=steps_per_epoch * pc.epochs,
+        warmup_steps=round(pc.warmup_epochs * steps_per_epoch),
+    )
+    return opt, sched
+
+
+def fit(phase: Phase, run: Run) -> list[dict]:
+    """Train ``phase`` to its last epoch (or resume it); returns the per-epoch records."""
+    pc, rt = phase.cfg, run.rt
+    if phase.n_train < 1:
+        raise UsageError(f"{phase.name}: no training images")
+    steps = math.ceil(phase.n_train / pc.batch_size)
+    opt, sched = _optimization(phase, steps, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype is torch.float16)
+    streams = Streams.for_rank(run.cfg.seed, PHASE_IDS[phase.name], dist.rank(), rt.device)
+    state = _resume(phase, run, opt, sched, scaler, streams)
+    parts = (opt, sched, scaler, streams)
+    while state.epoch < pc.epochs:
+        g_state = streams.data.get_state()  # the permutation is redrawn from it on a mid-epoch resume
+        perm = torch.randperm(phase.n_train, generator=streams.data)
+        t0 = time.perf_counter()
+        totals = _run_epoch(phase, run, perm, state, parts, g_state)
+        record = _epoch_record(phase, run, totals, sched, time.perf_counter() - t0, state)
+        state.history.append(record)
+        run.log.append(record)
+        state.epoch, state.step = state.epoch + 1, 0
+        last = state.epoch == pc.epochs
+        stopping = not last and (run.stop.requested_by_all(rt.device) or state.epoch == run.stop_after)
+        if last or stopping or state.epoch % run.cfg.checkpoint_every == 0:
+            path = _save(phase, run, state, parts, streams.data.get_state())
+            if stopping:
+                raise Interrupted(path)
+    return state.history
+
+
+def _run_epoch(phase: Phase, run: Run, perm, state: _State, parts, g_state) -> _Totals:
+    opt, sched, scaler, streams = parts
+    pc, rt = phase.cfg, run.rt
+    world, rank = dist.world_size(), dist.rank()
+    steps = math.ceil(phase.n_train / pc.batch_size)
+    phase.module.train()
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+        perm = perm.to(rt.device)
+    totals = _Totals(torch.zeros((), device=rt.device), torch.zeros((), device=rt.device, dtype=torch.long))
+    bar = _progress(run, phase, state, steps)
+    for s in bar:
+        idx = perm[s * pc.batch_size : (s + 1) * pc.batch_size]
+        # Each rank takes a contiguous share of the global batch.
+        local = idx.tensor_split(world)[rank] if world > 1 else idx
+        out = phase.step(local, len(idx), streams.augment)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(out.backward).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        totals.loss += out.loss.detach() * len(local)
+        if out.correct is not None:
+            totals.correct += out.correct
+        totals.seen += len(local)
+        if s % CHECK_EVERY == 0:
+            _check_running_loss(phase, run, state, totals, s, bar, sched)
+        if _stop_now(run, s, steps):
+            if s + 1 < steps:
+                _check_running_loss(phase, run, state, totals, s, None, sched)
+                raise Interrupted(
+                    _save(phase, run, _State(state.epoch, s + 1, state.history), parts, g_state)
+                )
+            break
+    bar.close()
+    return totals
+
+
+def _progress(run: Run, phase: Phase, state: _State, steps: int):
+    return tqdm(
+        range(state.step, steps),
+        desc=f"{phase.name} {state.epoch + 1}/{phase.cfg.epochs}",
+        leave=False,
+        disable=True if not (run.progress and dist.is_main()) else None,  # None: off when not a terminal
+        dynamic_ncols=True,
+    )
+
+
+def host_read(t: torch.Tensor) -> list[float]:
+    """The loop's only reads of device values on the host (each one waits for the device). A
+    device-free dry run replaces this function."""
+    return t.detach().reshape(-1).tolist()
+
+
+def _check_running_loss(phase: Phase, run: Run, state: _State, totals: _Totals, s: int, bar, sched) -> None:
+    """One host read of the running loss: for the progress bar, and to stop a run that diverged."""
+    quiet = bar is None or bar.disable
+    if quiet and run.rt.device.type != "cpu" and s % (CHECK_EVERY * 5):
+        return  # on GPUs without a progress bar, read back (a host sync) less often
+    mean = host_read(totals.loss)[0] / max(totals.seen, 1)
+    if not math.isfinite(mean):
+        _diverged(phase, run, state, s, mean, sched)
+    if bar is not None and not bar.disable:
+        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+
+
+def _diverged(phase: Phase, run: Run, state: _State, s, loss: float, sched) -> None:
+    from supcon.checkpoint import latest_checkpoint
+
+    where = f"epoch {state.epoch + 1}" + (f", step {s + 1}" if s is not None else "")
+    last = latest_checkpoint(run.checkpoints, phase.name)
+    kept = f"last good checkpoint: {last}" if last is not None else "no checkpoint was saved before"
+    raise Diverged(
+        f"{phase.name} diverged: the loss is {loss} at {where} (lr {sched.get_last_lr()[0]:.3g}); "
+        f"{kept}; lower the learning rate (--lr) or use --precision fp32"
+    )
+
+
+def _stop_now(run: Run, s: int, steps: int) -> bool:
+    if dist.world_size() == 1:
+        return run.stop.requested
+    # Every rank must agree to stop at the same step, or the next collective would hang; asking the
+    # others costs a collective and a host read, so only every few steps.
+    if (s + 1) % STOP_CHECK_EVERY and s + 1 < steps:
+        return False
+    return run.stop.requested_by_all(run.rt.device)
+
+
+def _epoch_record(phase: Phase, run: Run, totals: _Totals, sched, seconds: float, state: _State) -> dict:
+    rt = run.rt
+    seen = torch.tensor(float(totals.seen), device=rt.device)
+    summed = dist.all_reduce_sum(torch.stack([totals.loss.float(), totals.correct.float(), seen]))
+    loss, correct, n = host_read(summed)
+    if not math.isfinite(loss):
+        _diverged(phase, run, state, None, loss / n, sched)
+    record = {"phase": phase.name, "epoch": state.epoch + 1, "loss": round(loss / n, 6)}
+    if phase.name != "pretrain":
+        record["train_acc"] = round(correct / n, 6)
+    record["lr"] = sched.get_last_lr()[0]
+    record["seconds"] = round(seconds, 3)
+    if rt.device.type == "cuda":
+        record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 3)
+    if phase.on_epoch_end is not None and dist.is_main():
+        record.update(phase.on_epoch_end(state.epoch + 1))
+    if dist.is_main() and run.progress:
+        extra = "  ".join(f"{k}={v:.4f}" for k, v in record.items() if k.endswith("acc"))
+        print(
+            f"{phase.name} epoch {state.epoch + 1}/{phase.cfg.epochs}  loss={record['loss']:.4f}  {extra}  "
+            f"{seconds:.1f}s",
+            flush=True,
+        )
+    return record
+
+
+def _checkpoint_name(phase: str, epoch: int, step: int) -> str:
+    return f"{phase}-e{epoch:04d}.pt" if step == 0 else f"{phase}-e{epoch:04d}.{step:06d}.pt"
+
+
+def _save(phase: Phase, run: Run, state: _State, parts, g_data_state: torch.Tensor):
+    from supcon.checkpoint import save_checkpoint
+
+    opt, sched, scaler, streams = parts
+    rank_streams = dist.all_gather_object(streams.rank_state())
+    path = run.checkpoints / _checkpoint_name(phase.name, state.epoch, state.step)
+    if dist.is_main():
+        ckpt = {
+            "phase": phase.name,
+            "config": run.cfg.to_dict(),
+            "epoch": state.epoch,
+            "step": state.step,
+            "history": state.history,
+            "model": phase.module.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(),
+            "g_data": g_data_state,
+            "streams": rank_streams,  # one per rank: augmentation and global generators
+        }
+        save_checkpoint(ckpt, path, keep=run.cfg.keep_checkpoints)
+    return path
+
+
+def _resume(phase: Phase, run: Run, opt, sched, scaler, streams: Streams) -> _State:
+    from supcon.checkpoint import latest_checkpoint, load_checkpoint
+
+    if not run.resume:
+        return _State()
+    path = latest_checkpoint(run.checkpoints, phase.name)
+    if path is None:
+        if run.log.epochs(phase.name):
+            # The phase had started, yet its checkpoints are gone: never restart it silently.
+            raise UsageError(
+                f"cannot resume {phase.name}: no checkpoint in {run.checkpoints}, "
+                "yet metrics.jsonl has its epochs"
+            )
+        return _State()
+    ckpt = load_checkpoint(path)
+    phase.module.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    if scaler.is_enabled() and ckpt["scaler"]:  # empty when saved without fp16: start a fresh scale
+        scaler.load_state_dict(ckpt["scaler"])
+    notes = restore_streams(streams, ckpt, dist.rank())
+    state = _State(ckpt["epoch"], ckpt["step"], ckpt["history"])
+    run.log.truncate(phase.name, state.epoch)
+    if dist.is_main():
+        print(
+            f"resuming {phase.name} from {path.name} (epoch {state.epoch + 1}, step {state.step})", flush=True
+        )
+    for note in notes:
+        print(f"rank {dist.rank()}: {note}", flush=True)
+    return state

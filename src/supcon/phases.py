@@ -1,0 +1,218 @@
+"""The three training phases, each a plain function: build the model, define its step, hand both to
+:func:`supcon.loop.fit`.
+
+- :func:`train_ce` (experiment 1): encoder and classifier trained together with cross-entropy.
+- :func:`pretrain` (experiment 2a): contrastive pre-training of encoder + projection head.
+- :func:`train_linear` (experiment 2b): a classifier on the pre-trained encoder, frozen (the linear
+  probe) or fine-tuned.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from supcon import dist
+from supcon.augment import AugmentConfig, BatchAugment, save_view_grid
+from supcon.datasets import ImageDataset, Normalize, Split
+from supcon.evaluate import accuracy, encoder_knn, extract_features, predict
+from supcon.loop import Phase, StepOut, ddp_global, ddp_share, fit
+from supcon.loss import supcon_loss
+from supcon.models import Classifier, ContrastiveModel, build_classifier, build_contrastive, to_device
+from supcon.rundir import Run
+from supcon.runtime import Runtime
+
+# Keep the uint8 training set on the GPU when it takes at most this share of the free memory: batches
+# are then indexed there, with no host copy per step.
+_ON_GPU_SHARE = 0.25
+
+
+def build_augment(kind: str, norm: Normalize | None) -> BatchAugment | None:
+    """The training-time augmentation of a phase; None = none (plain images).
+
+    "supcon" is the paper's pipeline (crop, flip, colour jitter, grayscale); "crop-flip" the lighter
+    one used for cross-entropy baselines and linear probes. Normalisation follows the run's data.
+    """
+    if kind == "none":
+        return None
+    stats = {"normalize": False} if norm is None else {"normalize": True, "mean": norm.mean, "std": norm.std}
+    extra = {"jitter_p": 0.0, "grayscale_p": 0.0} if kind == "crop-flip" else {}
+    return BatchAugment(AugmentConfig(mode="supcon", **stats, **extra))
+
+
+def wrap_ddp(model: nn.Module, run: Run) -> nn.Module:
+    """The module the training step calls: DistributedDataParallel over the process group when there is
+    one, compiled with ``torch.compile`` when the config asks; the model itself otherwise.
+
+    With ``sync_bn`` BatchNorm statistics are computed over the global batch (converted in place, so
+    the unwrapped model that is checkpointed holds the same modules).
+    """
+    net = model
+    if dist.world_size() > 1:
+        if run.cfg.sync_bn:
+            for name, child in list(model.named_children()):
+                setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        device_ids = [run.rt.device.index] if run.rt.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.compile(net) if run.cfg.compile else net
+
+
+def training_data(split: Split, rt: Runtime) -> Split:
+    """The training split where the steps index it: on the GPU when it fits comfortably (no host
+    copy per step), else where it is."""
+    if rt.device.type != "cuda":
+        return split
+    free, _ = torch.cuda.mem_get_info(rt.device)
+    if split.train_x.numel() > _ON_GPU_SHARE * free:
+        return split
+    return Split(split.train_x.to(rt.device), split.train_y.to(rt.device), split.val_x, split.val_y)
+
+
+def _inputs(x_uint8: torch.Tensor, augment: BatchAugment | None, rt: Runtime, norm, g, views: int = 1):
+    """A training batch on the device: augmented views (view-major) or the plain images."""
+    if augment is not None:
+        return augment(x_uint8.to(rt.device, non_blocking=True), views=views, generator=g)
+    x = rt.images(x_uint8, norm)
+    return x.repeat(views, 1, 1, 1) if views > 1 else x
+
+
+def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # A rank whose share of a last, tiny batch is empty still runs backward (DDP needs every rank);
+    # the mean over no samples would be NaN, a zero with a graph adds nothing.
+    return F.cross_entropy(logits.float(), y) if len(y) else logits.sum() * 0.0
+
+
+def _val_acc(model: nn.Module, split: Split, data: ImageDataset, rt: Runtime) -> dict:
+    if len(split.val_y):
+        return {"val_acc": round(accuracy(predict(model, split.val_x, rt, data.norm), split.val_y), 6)}
+    return {}
+
+
+def _train_classifier(name: str, model: Classifier, run: Run, data: ImageDataset, split: Split) -> Classifier:
+    """Encoder and classifier trained together with cross-entropy (experiment 1, fine-tuning)."""
+    pc, rt = getattr(run.cfg, name), run.rt
+    net = wrap_ddp(model, run)
+    augment = build_augment(pc.augment, data.norm)
+    train = training_data(split, rt)
+
+    def step(idx, n_global, g):
+        x = _inputs(train.train_x[idx], augment, rt, data.norm, g)
+        y = train.train_y[idx].to(rt.device, non_blocking=True)
+        with rt.autocast():
+            logits = net(x)
+        loss = _ce(logits, y)
+        return StepOut(loss, ddp_share(loss, len(idx), n_global), (logits.argmax(1) == y).sum())
+
+    params = list(model.parameters())
+    fit(
+        Phase(name, pc, model, params, step, len(split.train_y), lambda e: _val_acc(model, split, data, rt)),
+        run,
+    )
+    return model
+
+
+def train_ce(run: Run, data: ImageDataset, split: Split) -> Classifier:
+    """Experiment 1: encoder and classifier trained together with softmax cross-entropy."""
+    return _train_classifier("ce", to_device(build_classifier(run.cfg, data), run.rt), run, data, split)
+
+
+def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
+    """Experiment 2a: contrastive pre-training of the encoder (SupCon with labels, SimCLR without)."""
+    cfg, rt = run.cfg, run.rt
+    pc = cfg.pretrain
+    model = to_device(build_contrastive(cfg, data), rt)
+    net = wrap_ddp(model, run)
+    augment = build_augment(pc.augment, data.norm)
+    views = pc.views
+    if augment is not None and dist.is_main():
+        # A look at what the encoder is trained on: originals and their augmented views.
+        pick = torch.randperm(len(split.train_y), generator=torch.Generator().manual_seed(cfg.seed))[:8]
+        save_view_grid(split.train_x[pick], run.dir / "views.png", views=max(views, 4), augment=augment)
+    use_labels = cfg.loss.method == "supcon"
+    train = training_data(split, rt)
+
+    def step(idx, n_global, g):
+        x = _inputs(train.train_x[idx], augment, rt, data.norm, g, views)  # [V*B, C, H, W], view-major
+        with rt.autocast():
+            z = net(x)
+        z = z.float().view(views, len(idx), z.shape[-1]).transpose(0, 1)  # [B, V, D]; B may be 0
+        labels = train.train_y[idx].to(rt.device, non_blocking=True) if use_labels else None
+        loss = supcon_loss(
+            z,
+            labels,
+            temperature=cfg.loss.temperature,
+            variant=cfg.loss.variant,
+            chunk_size=cfg.loss.chunk_size,
+            gather=dist.world_size() > 1,
+        )
+        return StepOut(loss, ddp_global(loss))
+
+    def monitor(epoch):
+        if not cfg.knn_every or (epoch % cfg.knn_every and epoch != pc.epochs):
+            return {}
+        key, query = ("val_knn_acc", split.val_x) if len(split.val_y) else ("monitor_knn_acc", data.test_x)
+        query_y = split.val_y if len(split.val_y) else data.test_y
+        bank = (split.train_x, split.train_y)
+        acc = encoder_knn(
+            model.encoder, bank, (query, query_y), rt, data.norm, cfg.knn_k, cfg.knn_temperature
+        )
+        return {key: round(acc, 6)}
+
+    fit(Phase("pretrain", pc, model, list(model.parameters()), step, len(split.train_y), monitor), run)
+    return model
+
+
+def train_linear(run: Run, data: ImageDataset, split: Split, encoder: nn.Module) -> Classifier:
+    """Experiment 2b: a classifier on the pre-trained encoder.
+
+    By default the encoder is frozen (eval mode, no gradient) and only the classifier learns: the
+    linear probe. With ``linear.finetune`` the encoder and the classifier are trained together with
+    cross-entropy, starting from the pre-trained weights (a copy: the pre-trained encoder stays as
+    it was).
+    """
+    if run.cfg.linear.finetune:
+        model = build_classifier(run.cfg, data, copy.deepcopy(encoder))
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return _train_classifier("linear", to_device(model, run.rt), run, data, split)
+    return _train_probe(run, data, split, encoder)
+
+
+def _train_probe(run: Run, data: ImageDataset, split: Split, encoder: nn.Module) -> Classifier:
+    """Only the head learns. Without augmentation the frozen encoder maps each image to the same
+    features every epoch, so they are computed once and the head trains on them: the same
+    optimisation, far cheaper."""
+    rt, pc = run.rt, run.cfg.linear
+    augment = build_augment(pc.augment, data.norm)
+    model = build_classifier(run.cfg, data, encoder)
+    encoder = to_device(encoder, rt).eval()
+    encoder.requires_grad_(False)
+    head = model.head.to(rt.device)
+    head_net = wrap_ddp(head, run)
+    train = training_data(split, rt)
+    t0 = time.perf_counter()
+    feats = extract_features(encoder, split.train_x, rt, data.norm) if augment is None else None
+    feature_seconds = time.perf_counter() - t0
+
+    def step(idx, n_global, g):
+        y = train.train_y[idx].to(rt.device, non_blocking=True)
+        if feats is not None:
+            f = feats[idx.to(feats.device)]
+        else:
+            with torch.no_grad(), rt.autocast():
+                f = encoder(_inputs(train.train_x[idx], augment, rt, data.norm, g)).float()
+        logits = head_net(f)
+        loss = _ce(logits, y)
+        return StepOut(loss, ddp_share(loss, len(idx), n_global), (logits.argmax(1) == y).sum())
+
+    def on_epoch_end(epoch):
+        out = {"feature_seconds": round(feature_seconds, 3)} if epoch == 1 and feats is not None else {}
+        return out | _val_acc(model, split, data, rt)
+
+    # The head alone is what is checkpointed and switched to train mode; the encoder stays in eval.
+    fit(Phase("linear", pc, head, list(head.parameters()), step, len(split.train_y), on_epoch_end), run)
+    return model

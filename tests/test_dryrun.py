@@ -1,0 +1,79 @@
+"""A device-free dry run of the training loop's bookkeeping on the ``meta`` device.
+
+Meta tensors have a device but no data: any op that mixes them with a CPU tensor of more than one
+element raises, as CUDA does. Running :func:`supcon.loop.fit` on ``meta`` checks that the loop keeps
+its step bookkeeping, epoch totals and stop agreement on the compute device (stacking CUDA epoch
+totals with a CPU tensor crashed every GPU run at the end of epoch 1). The loop reads device values
+only through ``loop.host_read``, which the dry run answers with ones, and the checkpoint writes
+are left out (meta tensors hold no data to save).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from supcon import loop
+from supcon.config import Config, PhaseConfig
+from supcon.rundir import Run
+from supcon.runtime import Runtime
+from supcon.streams import Streams
+
+META = torch.device("meta")
+
+
+@pytest.fixture
+def dry(monkeypatch, tmp_path):
+    reads = []
+
+    def host_read(t):
+        assert t.device == META, f"a host read of a {t.device} tensor: the loop mixed devices"
+        reads.append(t.numel())
+        return [1.0] * t.numel()
+
+    real = Streams.for_rank
+
+    def for_rank(seed, phase_id, rank, device):
+        # Generators need a real device; the augmentation stream is not used by the steps here.
+        return real(seed, phase_id, rank, torch.device("cpu"))
+
+    monkeypatch.setattr(loop, "host_read", host_read)
+    monkeypatch.setattr(loop.Streams, "for_rank", staticmethod(for_rank))
+    monkeypatch.setattr(loop, "_save", lambda *a, **k: tmp_path / "not-saved.pt")
+    run = Run(Config(), Runtime(META, None, False), tmp_path, progress=False)
+    return run, reads
+
+
+def _phase(name: str, with_correct: bool):
+    model = nn.Linear(4, 3).to(META)
+    x = torch.empty(10, 4, device=META)
+    y = torch.zeros(10, dtype=torch.long, device=META)
+
+    def step(idx, n_global, g):
+        logits = model(x[idx.to(META)])
+        loss = nn.functional.cross_entropy(logits, y[idx.to(META)])
+        correct = (logits.argmax(1) == y[idx.to(META)]).sum() if with_correct else None
+        return loop.StepOut(loss, loop.ddp_share(loss, len(idx), n_global), correct)
+
+    cfg = PhaseConfig(epochs=2, batch_size=4, optimizer="sgd", lr=0.1)
+    return loop.Phase(name, cfg, model, list(model.parameters()), step, 10)
+
+
+@pytest.mark.parametrize("name, with_correct", [("ce", True), ("pretrain", False), ("linear", True)])
+def test_the_loop_keeps_its_bookkeeping_on_the_compute_device(dry, name, with_correct):
+    run, reads = dry
+    history = loop.fit(_phase(name, with_correct), run)
+    assert [r["epoch"] for r in history] == [1, 2]
+    # Host reads per epoch: the running loss at step 0 (3 steps of 4, 4, 2) and the epoch totals.
+    assert reads == [1, 3, 1, 3]
+
+
+def test_the_dry_run_catches_a_cpu_tensor_in_the_epoch_totals(dry, monkeypatch):
+    run, _ = dry
+    real_stack = torch.stack
+
+    def old_totals(tensors, *a, **k):  # what the loop did before: the sample count on the CPU
+        return real_stack([*tensors[:2], torch.tensor(1.0)], *a, **k)
+
+    monkeypatch.setattr(torch, "stack", old_totals)
+    with pytest.raises(RuntimeError, match="device"):
+        loop.fit(_phase("ce", True), run)
