@@ -36,7 +36,8 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # The writer's pid in the name: remove_stale_temps can tell a dead writer's leftover.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
         os.close(fd)
         write(tmp)
         os.chmod(tmp, umask_mode(0o666))
@@ -64,3 +65,32 @@ def _reason(path: Path, e: OSError) -> str:
             if parent.exists():
                 break
     return e.strerror or str(e) or type(e).__name__
+
+
+def remove_stale_temps(folder: Path, name: str = "*", *, all_dead: bool = False) -> list[Path]:
+    """Remove ``atomic_write``'s temporary files for ``name`` (a glob) in ``folder`` whose writer is gone.
+
+    A kill during a write leaves ``.<name>.<pid>.<random>.tmp`` behind. Files whose pid is no live
+    process are removed; with ``all_dead`` (the caller holds the folder's run lock, so no one else
+    writes there) every such file is, including those of older versions, which had no pid.
+    Returns the removed paths.
+    """
+    removed = []
+    for tmp in Path(folder).glob(f".{name}.*.tmp"):
+        fields = tmp.name[: -len(".tmp")].rsplit(".", 2)
+        pid = int(fields[1]) if len(fields) == 3 and fields[1].isdigit() else None
+        if all_dead or (pid is not None and pid != os.getpid() and not _alive(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's live process
+        return True
+    return True
