@@ -1,16 +1,21 @@
-"""Search for shapes where oneDNN's bf16 1x1-convolution backward crashes the process (CPU autocast).
+"""Search for shapes where oneDNN's 1x1-convolution backward crashes the process (bf16 autocast or fp32).
+
+Findings and the guard: docs/onednn-bf16-crash.md (on an AVX2 CPU the float32 weight gradient of a
+stride-2 channels-last 1x1 convolution with 2-7 input channels corrupts the heap).
 
 Each candidate runs in a child process (several per child; a crash ends the child, and the parent
 records the candidate it was on and starts a new child at the next one), so a segfault or a heap
 abort becomes one row of the table instead of ending the search:
 
-    OMP_NUM_THREADS=1 python benchmarks/onednn_bf16_crash.py            # plain 1x1 convolutions
+    OMP_NUM_THREADS=1 python benchmarks/onednn_bf16_crash.py            # 1x1 convolutions, bf16
+    OMP_NUM_THREADS=1 python benchmarks/onednn_bf16_crash.py --dtype fp32 --malloc-check
     python benchmarks/onednn_bf16_crash.py --threads 2 --malloc-check   # glibc heap checks on
     python benchmarks/onednn_bf16_crash.py --model                      # CIFAR ResNet-18, small widths
 
 A 1x1 candidate is ``conv2d(x, w, stride)`` with x [batch, cin, size, size] and w [2*cin, cin, 1, 1]
-(the shape of a ResNet shortcut), forward and backward under ``torch.autocast('cpu', torch.bfloat16)``,
-in NCHW or channels-last. Only PyTorch is used.
+(the shape of a ResNet shortcut), forward and backward under ``torch.autocast('cpu', torch.bfloat16)``
+(or in float32 with ``--dtype fp32``), in NCHW or channels-last. Only PyTorch is used, except
+``--model`` and ``--runtime``, which use supcon's ResNet and runtime settings.
 """
 
 from __future__ import annotations
