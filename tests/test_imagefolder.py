@@ -189,19 +189,28 @@ def test_read_only_data_folder(tmp_path):
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
 
 
-def test_cache_inside_data_folder_is_not_written(tmp_path):
+def _one_warning(capsys, start: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(f"supcon: warning: {start}") and err.count("\n") == 1, err
+    return err
+
+
+def test_cache_inside_data_folder_is_not_written(tmp_path, capsys, recwarn):
     root = _make(tmp_path / "data")
     before = sorted(root.rglob("*"))
-    with pytest.warns(UserWarning, match="not caching"):
-        _load(root, tmp_path, cache_dir=root / "train")
+    _load(root, tmp_path, cache_dir=root / "train")
+    _one_warning(capsys, "not caching decoded images: cache folder")
+    assert not recwarn.list  # a plain line, not a Python warning with file and line number
     assert sorted(root.rglob("*")) == before
 
 
-def test_unwritable_cache_warns_but_loads(tmp_path):
+def test_unwritable_cache_warns_but_loads(tmp_path, capsys, recwarn):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder would go")
-    with pytest.warns(UserWarning, match="could not cache"):
-        x_train = _load(_make(tmp_path / "data"), tmp_path, cache_dir=blocker)[0]
+    x_train = _load(_make(tmp_path / "data"), tmp_path, cache_dir=blocker)[0]
+    err = _one_warning(capsys, f"could not cache decoded images: cannot write {blocker}/imagefolder/")
+    assert err.endswith(f": {blocker} is not a folder\n")
+    assert not recwarn.list
     assert len(x_train) == 5
 
 
@@ -281,3 +290,126 @@ def test_corrupt_image_is_named(tmp_path, where):
     assert not (tmp_path / "cache" / "imagefolder").exists() or not any(
         (tmp_path / "cache" / "imagefolder").iterdir()
     )
+
+
+# ---------------------------------------------------------------------------- hostile paths
+
+
+def _one_line_error(root, tmp_path, match: str, **kw) -> str:
+    with pytest.raises(UsageError, match=match) as e:
+        _load(root, tmp_path, **kw)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_data_path_with_a_name_over_the_limit(tmp_path):
+    _one_line_error(tmp_path / ("x" * 300), tmp_path, "^cannot read data path .*: File name too long$")
+
+
+def test_data_path_that_is_a_link_loop(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    _one_line_error(loop, tmp_path, "^cannot read data path .*loop: Too many levels of symbolic links$")
+
+
+@pytest.mark.parametrize("kind", ["self", "cycle"])
+def test_image_that_is_a_link_loop(tmp_path, kind):
+    root = _make(tmp_path / "data")
+    a = root / "train" / "cat" / "loop.png"
+    if kind == "self":
+        a.symlink_to(a)
+    else:
+        b = root / "train" / "cat" / "other.png"
+        a.symlink_to(b)
+        b.symlink_to(a)
+    _one_line_error(
+        root, tmp_path, "^cannot read .*/train/cat/(loop|other).png: Too many levels of symbolic links$"
+    )
+
+
+def _nest(folder: Path, levels: int, colour) -> None:
+    """``folder/d/d/.../d/deep.png``, made with relative calls: the whole path may exceed PATH_MAX."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        for _ in range(levels):
+            os.mkdir("d", dir_fd=fd)
+            new = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = new
+        with os.fdopen(os.open("deep.png", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "wb") as f:
+            _solid("RGB", (8, 6), colour).save(f, format="PNG")
+    finally:
+        os.close(fd)
+
+
+def _unnest(folder: Path) -> None:
+    """Remove ``folder/d/d/...`` one level at a time (shutil.rmtree recurses, and would fail)."""
+    top, nxt = folder / "d", folder / "next"
+    while top.exists():
+        for f in top.iterdir():
+            if f.name != "d":
+                f.unlink()
+        if (top / "d").exists():
+            os.rename(top / "d", nxt)
+            top.rmdir()
+            os.rename(nxt, top)
+        else:
+            top.rmdir()
+
+
+@pytest.fixture
+def nested(tmp_path):
+    folders = []
+    yield folders
+    for f in folders:
+        _unnest(f)
+
+
+def test_folders_nested_deeper_than_the_recursion_limit_load_in_order(tmp_path, nested):
+    import sys
+
+    root = _make(tmp_path / "data")
+    nested.append(root / "train" / "dog")
+    _nest(root / "train" / "dog", sys.getrecursionlimit() + 100, (1, 2, 3))
+    _save(root / "train" / "dog" / "z.png", _solid("RGB", (8, 6), (4, 5, 6)))
+    x_train = _load(root, tmp_path)[0]
+    # Depth-first in name order: d/.../deep.png, then d.png, e.jpg, then z.png.
+    assert x_train[3, 0, 0].tolist() == [1, 2, 3]
+    assert x_train[-1, 0, 0].tolist() == [4, 5, 6]
+
+
+def test_folders_nested_past_the_path_length_limit(tmp_path, nested):
+    root = _make(tmp_path / "data")
+    nested.append(root / "train" / "dog")
+    _nest(root / "train" / "dog", 2100, (1, 2, 3))  # "d/" x 2100: longer than PATH_MAX (4096)
+    msg = _one_line_error(root, tmp_path, "^cannot read folder .*/train/dog/d/d/d/.*: File name too long$")
+    assert len(msg) < 5000
+
+
+def test_unreadable_image(tmp_path, monkeypatch):
+    root = _make(tmp_path / "data")
+    from PIL import Image as PILImage
+
+    real_open = PILImage.open
+
+    def deny(fp, *a, **kw):
+        if str(fp).endswith("d.png"):
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *a, **kw)
+
+    monkeypatch.setattr(PILImage, "open", deny)
+    _one_line_error(root, tmp_path, "^cannot decode image .*/train/dog/d.png: .*Permission denied", workers=1)
+
+
+def test_image_size_needing_more_memory_than_there_is_is_refused_before_allocating(tmp_path, monkeypatch):
+    root = _make(tmp_path / "data")
+    msg = _one_line_error(
+        root, tmp_path, r"^7 images at 1000000x1000000 need 19\.1 TiB of memory, but ", image_size=10**6
+    )
+    assert msg.endswith("is available; use a smaller --image-size")
+    monkeypatch.setattr(imagefolder, "_available_memory", lambda: 1000)
+    _one_line_error(
+        root, tmp_path, r"^7 images at 8x8 need 1\.3 KiB of memory, but 1000 bytes is available", image_size=8
+    )
+    monkeypatch.setattr(imagefolder, "_available_memory", lambda: None)
+    assert _load(root, tmp_path, image_size=8)[0].shape == (5, 8, 8, 3)

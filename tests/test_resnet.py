@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -112,3 +116,80 @@ def test_bad_options():
         resnet18(blocks=(0, 1))
     with pytest.raises(UsageError, match="resnet18"):
         build_encoder("resnet19")
+
+
+# ---------------------------------------------------------------------------- strided 1x1 guard
+
+# Shapes that crashed the process in oneDNN's weight gradient of a strided 1x1 convolution
+# (docs/onednn-bf16-crash.md), run through the model code in float32 and under bf16 autocast, with
+# glibc's heap checks on: a corrupted heap aborts at once instead of some time later.
+CRASH_SHAPES = r"""
+import torch
+from supcon.resnet import Conv1x1, resnet18, resnet50
+torch.set_num_threads(1)
+torch.manual_seed(0)
+for bf16 in (False, True):
+    for c in range(1, 9):
+        conv = Conv1x1(c, 2 * c, stride=2).to(memory_format=torch.channels_last)
+        for b in range(1, 8):
+            for s in (8, 9, 16, 32):
+                x = torch.randn(b, c, s, s).contiguous(memory_format=torch.channels_last).requires_grad_()
+                with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                    y = conv(x)
+                y.float().square().sum().backward()
+    print("shortcut convolutions ok", flush=True)
+    models = [(f"resnet18 width={w}", resnet18(width=w)) for w in range(1, 9)]
+    models.append(("resnet50 width=2", resnet50(width=2, blocks=(1, 1, 1, 1))))
+    for name, m in models:
+        for cl in (False, True):
+            net = m.to(memory_format=torch.channels_last) if cl else m
+            for b in (1, 3, 7, 14):  # batch 1, odd last batches, two views of one
+                x = torch.randn(b, 3, 16, 16)
+                x = x.contiguous(memory_format=torch.channels_last) if cl else x
+                net.zero_grad()
+                with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                    y = net(x)
+                y.float().square().sum().backward()
+                assert all(torch.isfinite(p.grad).all() for p in net.parameters()), (name, cl, b)
+        print("bf16" if bf16 else "fp32", name, "ok", flush=True)
+print("done")
+"""
+
+
+def test_narrow_resnets_with_small_and_odd_batches_run_forward_and_backward():
+    # A child process: a native crash there fails this test instead of ending the test run.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_CHECK_": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_SHAPES], capture_output=True, text=True, timeout=600, env=env
+    )
+    last = proc.stdout.strip().splitlines()[-1:] or ["(no output)"]
+    assert proc.returncode == 0, f"exit {proc.returncode} after {last[0]!r}: {proc.stderr[-1500:]}"
+    assert last == ["done"]
+
+
+@pytest.mark.parametrize("size", [8, 9])
+def test_narrow_strided_shortcut_is_rerouted_with_the_same_results(size):
+    from supcon import resnet
+
+    narrow = resnet18(width=4)
+    shortcuts = [getattr(narrow, f"layer{i}")[0].shortcut[0] for i in (2, 3, 4)]
+    assert [(c.in_channels, c.out_channels) for c in shortcuts] == [(4, 8), (8, 16), (16, 32)]
+    x = torch.randn(3, 4, size, size)
+    assert [c.rerouted(x) for c in shortcuts] == [True, True, False]
+    assert not any(m.rerouted(x) for m in resnet18().modules() if isinstance(m, resnet.Conv1x1))
+    conv = shortcuts[0]
+    plain = nn.Conv2d(4, 8, 1, stride=2, bias=False)  # NCHW float32: not the crashing kernel
+    plain.weight.data.copy_(conv.weight.data)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = conv(xa), plain(xb)
+    assert ya.shape == yb.shape == (3, 8, (size + 1) // 2, (size + 1) // 2)
+    g = torch.randn(ya.shape)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(ya, yb)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(conv.weight.grad, plain.weight.grad)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16  # autocast applies as before
+    # The state-dict keys of nn.Conv2d, so the authors' weights still load by name.
+    assert "layer2.0.shortcut.0.weight" in narrow.state_dict()

@@ -6,6 +6,8 @@ Ctrl-C mid-write never leaves a truncated checkpoint behind.
 
 from __future__ import annotations
 
+import glob
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,32 +15,81 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from supcon.errors import UsageError
-from supcon.files import atomic_write
+from supcon.files import atomic_write, remove_stale_temps
 
 
-def save_checkpoint(state: dict[str, Any], path: Path, keep: int = 2) -> None:
-    """Save ``state`` atomically to ``path`` and keep the ``keep`` newest ``<stem>-e*.pt`` siblings."""
+def save_checkpoint(state: dict[str, Any], path: Path, keep: int = 2, *, locked: bool = False) -> None:
+    """Save ``state`` atomically to ``path`` and keep the ``keep`` newest ``<stem>-e*.pt`` siblings.
+
+    Temporary files that killed writers left beside ``path`` are removed; with ``locked`` (the caller
+    holds the run folder's lock) all of them are.
+    """
+    remove_stale_temps(path.parent, "*.pt", all_dead=locked)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
-    if keep > 0 and "-e" in path.stem:
-        stem = path.stem.rsplit("-e", 1)[0]
-        old = sorted(path.parent.glob(f"{stem}-e*.pt"), key=lambda p: p.stat().st_mtime)
-        for p in old[:-keep]:
+    match = _EPOCH_FILE.match(path.name)
+    if keep > 0 and match:
+        for p in _checkpoints(path.parent, match["stem"])[:-keep]:
             p.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path``; ``UsageError`` if it is missing or unreadable, naming an older one."""
     if not path.is_file():
         raise UsageError(f"checkpoint not found: {path}")
     try:
         # Checkpoints hold RNG states and optimizer state besides tensors; they are our own files.
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or corrupt file
-        raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        msg = f"checkpoint {path} is unreadable ({type(e).__name__}" + (f": {reason})" if reason else ")")
+        older = _older_checkpoint(path)
+        if older is not None:
+            msg += f"; an older one exists: {older.name}; delete {path.name} to resume from it"
+        raise UsageError(msg) from None
 
 
 def latest_checkpoint(folder: Path, stem: str) -> Path | None:
-    found = sorted(folder.glob(f"{stem}-e*.pt"), key=lambda p: p.stat().st_mtime)
+    """The most advanced ``<stem>-e<N>[.<step>].pt`` in ``folder`` (never a temporary file), or None."""
+    found = _checkpoints(folder, stem)
     return found[-1] if found else None
+
+
+def load_latest_checkpoint(folder: Path, stem: str) -> tuple[Path, dict[str, Any]] | None:
+    """``(path, state)`` of ``latest_checkpoint``, or None if there is none.
+
+    An unreadable newest checkpoint is a ``UsageError`` that names the next older one and how to
+    resume from it, rather than a silent step back that would repeat epochs the log already has.
+    """
+    path = latest_checkpoint(folder, stem)
+    return None if path is None else (path, load_checkpoint(path))
+
+
+# <stem>-e<epochs done>.pt, or <stem>-e<epochs done>.<steps into the next epoch>.pt mid-epoch.
+_EPOCH_FILE = re.compile(r"^(?P<stem>.+)-e(?P<epoch>\d+)(?:\.(?P<step>\d+))?\.pt$")
+
+
+def _progress(m: re.Match) -> tuple[int, int]:
+    return int(m["epoch"]), int(m["step"] or 0)
+
+
+def _checkpoints(folder: Path, stem: str) -> list[Path]:
+    """``<stem>-e<N>[.<step>].pt`` files in ``folder``, least progress first."""
+    found = []
+    for p in Path(folder).glob(f"{glob.escape(stem)}-e*.pt"):
+        m = _EPOCH_FILE.match(p.name)
+        if m and m["stem"] == stem and p.is_file():
+            found.append((_progress(m), p))
+    return [p for _, p in sorted(found)]
+
+
+def _older_checkpoint(path: Path) -> Path | None:
+    m = _EPOCH_FILE.match(path.name)
+    if not m:
+        return None
+    older = [
+        p for p in _checkpoints(path.parent, m["stem"]) if _progress(_EPOCH_FILE.match(p.name)) < _progress(m)
+    ]
+    return older[-1] if older else None
 
 
 def save_weights(module: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -64,7 +64,7 @@ def _row(run: Run, name: str, model, data: ImageDataset, phases: list[str], test
     }
 
 
-def _tsne(run: Run, data: ImageDataset, encoders: dict) -> tuple[Path, float]:
+def _tsne(run: Run, data: ImageDataset, encoders: dict) -> tuple[Path | str, float]:
     n = min(len(data.test_y), 2000)
     sel = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(run.cfg.seed))[:n].sort()
     sel = sel.values
@@ -230,10 +230,8 @@ def run_command(run: Run, command: str, from_dir: Path | None = None) -> dict:
 def _report_failure(run: Run, command: str, message: str) -> None:
     """A report that says why the run stopped, with the curves up to that point."""
     curves = plot_curves(read_metrics(run.dir), run.dir / "curves.png")
-    lines = [f"# supcon {command}: {run.cfg.name} stopped", "", f"**Training stopped**: {message}", ""]
-    if curves:
-        lines += [f"![{curves.stem}]({curves.name})", ""]
-    (run.dir / "report.md").write_text("\n".join(lines))
+    title = f"supcon {command}: {run.cfg.name} stopped"
+    write_report(run.dir, title, [f"**Training stopped**: {message}"], [], [curves] if curves else [])
 
 
 def run(

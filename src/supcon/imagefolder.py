@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from supcon.download import default_root
 from supcon.errors import UsageError
-from supcon.files import atomic_write
+from supcon.files import atomic_write, default_root
 
 RawSplit = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]
 
@@ -63,9 +62,16 @@ def load_imagefolder(
     ):
         raise UsageError(f"image size must be a positive whole number of pixels, got {image_size!r}")
     root = Path(path).expanduser()
-    if not root.exists():
+    try:
+        is_dir = root.is_dir()
+        exists = is_dir or os.path.lexists(root)
+        if exists and not is_dir:
+            os.stat(root)  # a link loop or a dangling link: say so, not "not a folder"
+    except OSError as e:
+        raise UsageError(f"cannot read data path {root}: {e.strerror or e}") from None
+    if not exists:
         raise UsageError(f"data folder {root} does not exist")
-    if not root.is_dir():
+    if not is_dir:
         raise UsageError(
             f"data path {root} is not a folder (expected {root}/train/<class>/ and {root}/test/<class>/)"
         )
@@ -100,7 +106,7 @@ def _subfolders(folder: Path) -> list[str]:
     try:
         with os.scandir(folder) as it:
             return sorted(e.name for e in it if _visible(e.name) and e.is_dir())
-    except OSError as e:
+    except OSError as e:  # unreadable, a name too long, a link loop
         raise UsageError(f"cannot read folder {folder}: {e.strerror or e}") from None
 
 
@@ -132,25 +138,35 @@ def _classes(root: Path) -> list[str]:
 def _list_class(root: Path, split: str, cls: str) -> list[_File]:
     """The class's images (sub-folders included), sorted, with the size and mtime the cache key uses."""
     out: list[_File] = []
-
-    def scan(folder: str, rel: str) -> None:
+    folder = root / split / cls
+    # A stack, not recursion: deeply nested folders must not hit Python's recursion limit. Entries
+    # are pushed in reverse so that they come off in name order, a sub-folder's files in its place.
+    stack: list[tuple[str, str, bool]] = [(str(folder), f"{split}/{cls}/", True)]
+    while stack:
+        path, rel, is_dir = stack.pop()
+        if not is_dir:
+            try:
+                st = os.stat(path)
+            except OSError as e:  # gone or unreadable meanwhile
+                raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+            out.append((path, rel, st.st_size, st.st_mtime_ns))
+            continue
         try:
-            with os.scandir(folder) as it:
+            with os.scandir(path) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            raise UsageError(f"cannot read folder {folder}: {e.strerror or e}") from None
-        for e in entries:
+            raise UsageError(f"cannot read folder {path}: {e.strerror or e}") from None
+        for e in reversed(entries):
             if not _visible(e.name):
                 continue
-            # Symlinked sub-folders are not followed: a link cycle would never end.
-            if e.is_dir(follow_symlinks=False):
-                scan(e.path, f"{rel}{e.name}/")
-            elif e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file():
-                st = e.stat()
-                out.append((e.path, rel + e.name, st.st_size, st.st_mtime_ns))
-
-    folder = root / split / cls
-    scan(str(folder), f"{split}/{cls}/")
+            try:
+                # Symlinked sub-folders are not followed: a link cycle would never end.
+                if e.is_dir(follow_symlinks=False):
+                    stack.append((e.path, f"{rel}{e.name}/", True))
+                elif e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file():
+                    stack.append((e.path, rel + e.name, False))
+            except OSError as err:  # a link loop, say
+                raise UsageError(f"cannot read {e.path}: {err.strerror or err}") from None
     if not out:
         raise UsageError(f"class folder {folder} has no images ({' '.join(IMAGE_EXTENSIONS)})")
     return out
@@ -205,10 +221,7 @@ def _write_cache(file: Path, data_root: Path, split: RawSplit) -> None:
     folder = file.parent
     with contextlib.suppress(OSError):
         if folder.resolve().is_relative_to(data_root):
-            warnings.warn(
-                f"not caching decoded images: cache folder {folder} is inside the data folder {data_root}",
-                stacklevel=3,
-            )
+            _warn(f"not caching decoded images: cache folder {folder} is inside the data folder {data_root}")
             return
     x_train, y_train, x_test, y_test, classes = split
 
@@ -225,8 +238,8 @@ def _write_cache(file: Path, data_root: Path, split: RawSplit) -> None:
 
     try:
         atomic_write(file, write)
-    except OSError as e:
-        warnings.warn(f"could not cache decoded images in {folder}: {e.strerror or e}", stacklevel=3)
+    except UsageError as e:
+        _warn(f"could not cache decoded images: {e}")
         return
     # Caches of earlier states of the same folder are dead weight (each can be hundreds of MB).
     prefix = file.name.split("-", 1)[0] + "-"
@@ -234,6 +247,11 @@ def _write_cache(file: Path, data_root: Path, split: RawSplit) -> None:
         if old != file:
             with contextlib.suppress(OSError):
                 old.unlink()
+
+
+def _warn(message: str) -> None:
+    # One plain line: warnings.warn would add the source file, line number and code.
+    print(f"supcon: warning: {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -248,7 +266,7 @@ def _decode_all(
         h = w = image_size
     else:
         w, h = _image_size(files[0][0])
-    out = np.empty((len(files), h, w, 3), dtype=np.uint8)
+    out = _allocate(len(files), h, w)
     paths = [f[0] for f in files]
     # The first image sets the size when image_size is None; mismatches name it.
     first = paths[0]
@@ -275,6 +293,44 @@ def _decode_all(
                 out[start : start + len(chunk)] = chunk
                 bar.update(len(chunk))
     return out
+
+
+def _allocate(n: int, h: int, w: int) -> np.ndarray:
+    """The uint8 [n, h, w, 3] array for the decoded images, refused up front if it cannot fit."""
+    need = n * h * w * 3
+    avail = _available_memory()
+    too_much = f"{n} images at {w}x{h} need {_bytes(need)} of memory"
+    if avail is not None and need > avail:
+        raise UsageError(f"{too_much}, but {_bytes(avail)} is available; use a smaller --image-size")
+    try:
+        return np.empty((n, h, w, 3), dtype=np.uint8)
+    except (MemoryError, ValueError) as e:  # ValueError: more than numpy can index
+        raise UsageError(
+            f"{too_much}, which cannot be allocated ({_reason(e)}); use a smaller --image-size"
+        ) from None
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available without swapping (Linux's MemAvailable), else free RAM, else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"
 
 
 def _worker_count(workers: int | None, n_files: int) -> int:

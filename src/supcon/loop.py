@@ -266,17 +266,17 @@ def _save(phase: Phase, run: Run, state: _State, parts, g_data_state: torch.Tens
             "g_data": g_data_state,
             "streams": rank_streams,  # one per rank: augmentation and global generators
         }
-        save_checkpoint(ckpt, path, keep=run.cfg.keep_checkpoints)
+        save_checkpoint(ckpt, path, keep=run.cfg.keep_checkpoints, locked=run.lock is not None)
     return path
 
 
 def _resume(phase: Phase, run: Run, opt, sched, scaler, streams: Streams) -> _State:
-    from supcon.checkpoint import latest_checkpoint, load_checkpoint
+    from supcon.checkpoint import load_latest_checkpoint
 
     if not run.resume:
         return _State()
-    path = latest_checkpoint(run.checkpoints, phase.name)
-    if path is None:
+    found = load_latest_checkpoint(run.checkpoints, phase.name)
+    if found is None:
         if run.log.epochs(phase.name):
             # The phase had started, yet its checkpoints are gone: never restart it silently.
             raise UsageError(
@@ -284,7 +284,7 @@ def _resume(phase: Phase, run: Run, opt, sched, scaler, streams: Streams) -> _St
                 "yet metrics.jsonl has its epochs"
             )
         return _State()
-    ckpt = load_checkpoint(path)
+    path, ckpt = found
     phase.module.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])

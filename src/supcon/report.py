@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import unicodedata
 from pathlib import Path
 
 import matplotlib
@@ -11,18 +11,13 @@ matplotlib.use("Agg")  # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from supcon.rundir import read_metrics  # noqa: E402
+
 PHASE_TITLES = {
     "ce": "Experiment 1: cross-entropy (encoder + classifier)",
     "pretrain": "Experiment 2a: contrastive pre-training",
     "linear": "Experiment 2b: classifier on the frozen encoder",
 }
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def table(rows: list[dict]) -> str:
@@ -51,54 +46,97 @@ HELD_OUT = {
 }
 
 
-def plot_curves(metrics: list[dict], path: Path) -> Path | None:
+def curve_panels(metrics: list[dict]) -> list[str]:
+    """The titles of ``plot_curves``' panels for ``metrics`` (none: nothing to plot)."""
+    if not any(m.get("phase") in PHASE_TITLES for m in metrics):
+        return []
+    panels = ["training loss", "training accuracy"]
+    if any(k in m for m in metrics for k in HELD_OUT):
+        panels.append("held-out accuracy (validation split / kNN monitor)")
+    return panels
+
+
+def plot_curves(metrics: list[dict], path: Path) -> Path | str | None:
     """Per epoch, one line per phase: training loss, training accuracy, and (when logged) held-out
-    accuracy: the classifiers' validation accuracy and the kNN monitor of pre-training."""
-    phases = [p for p in PHASE_TITLES if any(m["phase"] == p for m in metrics)]
-    if not phases:
+    accuracy: the classifiers' validation accuracy and the kNN monitor of pre-training.
+
+    Returns the PNG's path; None when there is nothing to plot; or, when it could not be drawn, a
+    one-line reason for the report ("training curves not drawn: ...").
+    """
+    panels = curve_panels(metrics)
+    if not panels:
         return None
-    held_out = any(k in m for m in metrics for k in HELD_OUT)
-    fig, axes = plt.subplots(1, 3 if held_out else 2, figsize=(17 if held_out else 12, 4.5))
+    try:
+        _draw_curves(metrics, panels, path)
+    except Exception as e:  # a plot is never worth losing the run's report
+        plt.close("all")
+        return f"training curves not drawn: {_why(e)}"
+    return path
+
+
+def _draw_curves(metrics: list[dict], panels: list[str], path: Path) -> None:
+    phases = [p for p in PHASE_TITLES if any(m.get("phase") == p for m in metrics)]
+    held_out = len(panels) == 3
+    fig, axes = plt.subplots(1, len(panels), figsize=(17 if held_out else 12, 4.5))
     ax_loss, ax_acc = axes[0], axes[1]
     for i, phase in enumerate(phases):
         color = f"C{i}"  # one colour per phase in every panel
-        rows = [m for m in metrics if m["phase"] == phase]
-        ax_loss.plot(
-            [m["epoch"] for m in rows], [m["loss"] for m in rows], color=color, label=f"{phase} loss"
-        )
-        series = [(ax_acc, "train_acc", "train accuracy")]
+        rows = [m for m in metrics if m.get("phase") == phase]
+        series = [(ax_loss, "loss", "loss"), (ax_acc, "train_acc", "train accuracy")]
         if held_out:
             series += [(axes[2], key, name) for key, name in HELD_OUT.items()]
         for ax, key, name in series:
-            vals = [(m["epoch"], m[key]) for m in rows if key in m]
+            vals = [(m["epoch"], m[key]) for m in rows if key in m and "epoch" in m]
             if vals:
                 ax.plot(
                     *zip(*vals, strict=True),
                     color=color,
                     linestyle=":" if "knn" in key else "-",
                     marker="." if len(vals) < 30 else None,
-                    label=f"{phase}: {name}",
+                    label=f"{phase} loss" if key == "loss" else f"{phase}: {name}",
                 )
-    ax_loss.set(title="training loss", xlabel="epoch", ylabel="loss")
-    ax_acc.set(title="training accuracy", xlabel="epoch", ylabel="accuracy")
-    if held_out:
-        axes[2].set(
-            title="held-out accuracy (validation split / kNN monitor)", xlabel="epoch", ylabel="accuracy"
-        )
-    for ax in axes:
+    for ax, title in zip(axes, panels, strict=True):
+        ylabel = "loss" if ax is ax_loss else "accuracy"
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+
+
+# t-SNE of fewer points says nothing (and below perplexity + 1 points it cannot run at all).
+TSNE_MIN_POINTS = 10
 
 
 def plot_tsne(
     maps: dict[str, np.ndarray], labels: np.ndarray, classes: list[str], path: Path, seed: int = 0
-) -> Path:
-    """Side-by-side 2-D t-SNE maps of test features, one panel per encoder."""
+) -> Path | str:
+    """Side-by-side 2-D t-SNE maps of test features, one panel per encoder.
+
+    Returns the PNG's path, or a one-line reason it was not drawn, for the report
+    ("t-SNE map not drawn: only 3 test images (it needs at least 10)").
+    """
+    n = min((len(f) for f in maps.values()), default=0)
+    if not maps:
+        return "t-SNE map not drawn: no encoder features"
+    if n < TSNE_MIN_POINTS:
+        images = f"{n} test image" + ("s" if n != 1 else "")
+        return f"t-SNE map not drawn: only {images} (it needs at least {TSNE_MIN_POINTS})"
+    if not all(np.isfinite(f).all() for f in maps.values()):
+        return "t-SNE map not drawn: the features contain NaN or infinite values"
+    try:
+        _draw_tsne(maps, labels, classes, path, seed)
+    except Exception as e:  # a plot is never worth losing the run's report
+        plt.close("all")
+        return f"t-SNE map not drawn: {_why(e)}"
+    return path
+
+
+def _draw_tsne(
+    maps: dict[str, np.ndarray], labels: np.ndarray, classes: list[str], path: Path, seed: int
+) -> None:
     from sklearn.manifold import TSNE
 
     fig, axes = plt.subplots(1, len(maps), figsize=(6.2 * len(maps), 6), squeeze=False)
@@ -109,8 +147,8 @@ def plot_tsne(
         xy = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(feats)
         for c in range(len(classes)):
             sel = labels == c
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=4, color=cmap(c % cmap.N), label=classes[c])
-        ax.set_title(title)
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=4, color=cmap(c % cmap.N), label=display_name(classes[c]))
+        ax.set_title(display_name(title, 80))
         ax.set_xticks([])
         ax.set_yticks([])
     if len(classes) <= 20:
@@ -118,10 +156,38 @@ def plot_tsne(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
 
 
-def write_report(run_dir: Path, title: str, summary: list[str], rows: list[dict], images: list[Path]) -> Path:
+def display_name(name: object, limit: int = 40) -> str:
+    """``name`` as matplotlib shows it literally: ``$`` escaped (mathtext), control characters
+    dropped, a leading ``_`` kept visible (legends hide such labels), at most ``limit`` characters."""
+    text = "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in str(name))
+    text = " ".join(text.split()) or "?"
+    if len(text) > limit:
+        text = text[: limit - 1] + "\u2026"
+    if text.startswith("_"):
+        text = " " + text
+    return text.replace("$", r"\$")
+
+
+def _why(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def write_report(
+    run_dir: Path,
+    title: str,
+    summary: list[str],
+    rows: list[dict],
+    images: list[Path | str],
+    notes: list[str] | None = None,
+) -> Path:
+    """``report.md`` in ``run_dir``. ``images`` may hold, in place of a plot, the reason it was not
+    drawn (what ``plot_tsne`` and ``plot_curves`` return then); these and ``notes`` are listed as notes.
+    """
+    notes = [*(i for i in images if isinstance(i, str)), *(notes or [])]
+    images = [i for i in images if not isinstance(i, str)]
     lines = [f"# {title}", ""]
     lines += summary + ["", "## Results", "", table(rows), ""]
     metrics = read_metrics(run_dir)
@@ -140,6 +206,8 @@ def write_report(run_dir: Path, title: str, summary: list[str], rows: list[dict]
     lines.append("")
     for img in images:
         lines += [f"![{img.stem}]({img.name})", ""]
+    if notes:
+        lines += ["## Notes", "", *(f"- {' '.join(str(n).split())}" for n in notes), ""]
     lines += [
         "Files: `config.yaml` (resolved config), `metrics.jsonl` (one line per epoch), `results.json`,",
         "`weights/*.safetensors`, `checkpoints/` (resume with `--resume`).",

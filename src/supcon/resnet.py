@@ -17,6 +17,40 @@ from torch.nn import functional as F
 from supcon.errors import UsageError
 from supcon.registry import register_encoder
 
+# oneDNN's weight gradient of a strided 1x1 convolution with few input channels corrupts the heap or
+# segfaults on some CPUs (docs/onednn-bf16-crash.md: float32, channels-last, stride 2, 2 to 7 input
+# channels on an AVX2 CPU with oneDNN 3.12; reported under bf16 autocast on another). Such shortcut
+# convolutions of narrow ResNets take the stride as a slice instead, which never reaches that kernel.
+# Normal widths (16 channels and more in every shortcut) keep the plain convolution.
+STRIDED_1X1_GUARD = True
+_NARROW = 16
+
+
+class Conv1x1(nn.Conv2d):
+    """A bias-free 1x1 convolution; narrow strided ones avoid oneDNN's strided 1x1 kernels.
+
+    Same parameters and state-dict keys as ``nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)``,
+    and the same results: a 1x1 convolution with stride s reads every s-th pixel, so it equals a
+    stride-1 convolution of ``x[:, :, ::s, ::s]``.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__(in_planes, planes, 1, stride=stride, bias=False)
+
+    def rerouted(self, x: torch.Tensor) -> bool:
+        """Whether this call slices instead of striding."""
+        return (
+            STRIDED_1X1_GUARD
+            and self.stride != (1, 1)
+            and self.in_channels < _NARROW
+            and x.device.type == "cpu"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rerouted(x):
+            return F.conv2d(x[:, :, :: self.stride[0], :: self.stride[1]], self.weight)
+        return super().forward(x)
+
 
 class BasicBlock(nn.Module):
     expansion = 1
@@ -30,7 +64,7 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes * self.expansion:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes * self.expansion, 1, stride=stride, bias=False),
+                Conv1x1(in_planes, planes * self.expansion, stride=stride),
                 nn.BatchNorm2d(planes * self.expansion),
             )
 
@@ -57,7 +91,7 @@ class Bottleneck(nn.Module):
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes * self.expansion:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes * self.expansion, 1, stride=stride, bias=False),
+                Conv1x1(in_planes, planes * self.expansion, stride=stride),
                 nn.BatchNorm2d(planes * self.expansion),
             )
 

@@ -135,19 +135,24 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
             )
 
 
-def _prepare_folder(cfg: Config, run_dir: Path, resume: bool):
-    """Rank 0: lock the folder, clear it unless resuming, write the config. Returns the lock."""
-    from supcon.runlock import RunLock, clear_run_folder
+def _lock(run_dir: Path):
+    """Rank 0 holds the run folder's lock for the life of the run: one writer per folder."""
+    from supcon.runlock import RunLock
 
+    return RunLock(run_dir).acquire() if dist.is_main() else None
+
+
+def _write_start(cfg: Config, run_dir: Path, resume: bool) -> None:
+    """Rank 0: clear the folder (a fresh or overwritten run) and write the resolved config."""
+    from supcon.runlock import clear_run_folder
+
+    if resume:
+        return
     try:
-        lock = RunLock(run_dir)
-        lock.acquire()
-        if not resume:
-            clear_run_folder(run_dir)
-            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        clear_run_folder(run_dir)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
     except OSError as e:
         raise UsageError(f"cannot write run folder {run_dir}: {e.strerror or e}") from None
-    return lock
 
 
 def open_run(
@@ -160,18 +165,25 @@ def open_run(
     device: str | None = None,
     stop_after: int | None = None,
 ) -> Run:
-    """Validate, prepare the run folder (rank 0) and the runtime. ``device`` overrides ``cfg.device``
-    for this process only (each rank's own GPU); it is not part of the saved config."""
+    """Validate, lock and prepare the run folder (rank 0), resolve the runtime. ``device`` overrides
+    ``cfg.device`` for this process only (each rank's own GPU); it is not part of the saved config."""
     validate(cfg)
-    check_run_dir(run_dir, overwrite, resume)
-    if resume:
-        diff = config_diff(read_config(run_dir).to_dict(), cfg.to_dict())
-        if diff:
-            raise UsageError(f"cannot resume {run_dir}: the config differs in {'; '.join(diff)}")
     rt = resolve_runtime(device or cfg.device, cfg.precision, cfg.channels_last, cfg.deterministic)
-    dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
-    lock = _prepare_folder(cfg, run_dir, resume) if dist.is_main() else None
-    dist.barrier()
+    lock = _lock(run_dir)
+    try:
+        check_run_dir(run_dir, overwrite, resume)
+        if resume:
+            diff = config_diff(read_config(run_dir).to_dict(), cfg.to_dict())
+            if diff:
+                raise UsageError(f"cannot resume {run_dir}: the config differs in {'; '.join(diff)}")
+        dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
+        if dist.is_main():
+            _write_start(cfg, run_dir, resume)
+        dist.barrier()
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     seed_everything(cfg.seed, cfg.deterministic)
     if cfg.tune_cpu and rt.device.type == "cpu":
         tune_cpu()

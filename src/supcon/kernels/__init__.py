@@ -11,19 +11,24 @@
 They apply on the CPU to channels-last float32 tensors and under bf16 autocast; everywhere else
 (GPUs, other layouts and dtypes, no C compiler, or ``SUPCON_KERNELS=0``) these functions call
 PyTorch's ops. The shared library is compiled once per source/compiler/CPU into
-``<cache>/kernels/`` (the cache folder of ``supcon.download.default_root``) with ``$CC`` (else
+``<cache>/kernels/`` (the cache folder of ``supcon.files.default_root``) with ``$CC`` (else
 ``cc``, ``gcc`` or ``clang``), ``-O3 -march=native -fopenmp``; a failed build falls back to
-PyTorch's ops, and ``kernel_status()`` says why.
+PyTorch's ops, and ``kernel_status()`` says why. A cached library is loaded only from a folder that
+no other user can write to and only if it matches the sha256 written beside it at build time;
+otherwise it is rebuilt (a truncated one), or built afresh in a private temporary folder (a cache
+folder that is shared or not ours), and ``kernel_status()`` says which.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -182,7 +187,7 @@ def _library() -> ctypes.CDLL | None:
         _status = "off (SUPCON_KERNELS=0): using PyTorch's ops"
         return None
     try:
-        path = _build()
+        path, note = _build()
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _status = f"unavailable ({e}): using PyTorch's ops"
@@ -200,7 +205,7 @@ def _library() -> ctypes.CDLL | None:
     lib.conv_pool_relu_fwd.restype = lib.conv_pool_relu_bwd.restype = None
     lib.conv_pool_relu_force_generic.argtypes = [int_]
     lib.conv_pool_relu_force_generic.restype = None
-    _status = f"in use ({path})"
+    _status = f"in use ({path})" + (f"; {note}" if note else "")
     return lib
 
 
@@ -214,28 +219,106 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _build() -> Path:
-    from supcon.download import default_root
+def _build() -> tuple[Path, str]:
+    """The library's path, built if need be, and a note on anything unusual (else "").
 
+    A library is loaded only from a folder that no other user can write to, and only when its
+    checksum matches the one written at build time: a library planted in a shared folder would run
+    as this user, and a truncated one crashes the process (SIGBUS) instead of failing to load.
+    """
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise RuntimeError("no C compiler found (set CC)")
+    root, name = _cache_root(), _library_name(cc)
+    out_dir = root / "kernels"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        problem = _untrusted(out_dir, root)
+    except OSError as e:
+        problem = f"cache folder {out_dir} cannot be created ({e.strerror or e})"
+    if problem:
+        # Never reuse anything from a shared folder: a fresh build in a folder only we can write.
+        private = Path(tempfile.mkdtemp(prefix="supcon-kernels-"))
+        atexit.register(shutil.rmtree, private, ignore_errors=True)  # the loaded library stays mapped
+        return _compile(cc, private / name), f"built in {private}: {problem}"
+    out = out_dir / name
+    if not out.exists():
+        return _compile(cc, out), ""
+    bad = _damaged(out)
+    if bad:
+        return _compile(cc, out), f"rebuilt: the cached library {bad}"
+    return out, ""
+
+
+def _cache_root() -> Path:
+    from supcon.files import default_root
+
+    return default_root()
+
+
+def _library_name(cc: str) -> str:
+    """One name per source, compiler, flags and CPU."""
     parts = [p.read_bytes() for p in SOURCES + HEADERS]
     key = hashlib.sha256(
         b"\0".join([*parts, cc.encode(), " ".join(_FLAGS).encode(), _cpu_signature().encode()])
     ).hexdigest()[:16]
-    out_dir = default_root() / "kernels"
-    out = out_dir / f"supcon-{platform.machine()}-{key}.so"
-    if out.exists():
-        return out
+    return f"supcon-{platform.machine()}-{key}.so"
+
+
+def _untrusted(folder: Path, root: Path) -> str:
+    """Why code in ``folder`` could have been written by another user, or "" if it could not.
+
+    ``folder`` and the folders up to the cache root must be ours and writable by no one else;
+    above the cache root, a folder may also be root's, or shared with the sticky bit (as /tmp is:
+    others can create entries there but not rename or delete ours).
+    """
+    uid = os.getuid()
+    folder, root = folder.absolute(), root.absolute()
+    chain = [folder, *folder.parents]
+    for d in chain:
+        st = os.stat(d)
+        strict = d == root or root in d.parents
+        shared = st.st_mode & 0o022
+        if strict and st.st_uid != uid:
+            return f"{d} belongs to another user (uid {st.st_uid})"
+        if strict and shared:
+            return f"{d} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+        if st.st_uid not in (uid, 0):
+            return f"{d} belongs to another user (uid {st.st_uid})"
+        if shared and not st.st_mode & stat.S_ISVTX:
+            return f"{d} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return ""
+
+
+def _damaged(lib: Path) -> str:
+    """Why ``lib`` must not be loaded (not ours, writable by others, checksum missing or wrong), or ""."""
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        st = os.lstat(lib)
+        if not stat.S_ISREG(st.st_mode):
+            return "is not a regular file"
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return "could have been written by another user"
+        expected = _sidecar(lib).read_text().split()
     except OSError:
-        out_dir = Path(tempfile.gettempdir()) / "supcon-kernels"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        out = out_dir / out.name
-        if out.exists():
-            return out
+        return "has no checksum file"
+    actual = [_sha256(lib), str(st.st_size)]
+    return "" if expected == actual else "does not match its checksum (truncated or corrupt)"
+
+
+def _sidecar(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _compile(cc: str, out: Path) -> Path:
+    """Compile the sources to ``out`` (via a temporary file and a rename) and write its checksum file."""
     # Build beside the target and rename: ranks of a distributed run may build at the same time.
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     errors = []
@@ -248,6 +331,13 @@ def _build() -> Path:
             timeout=120,
         )
         if proc.returncode == 0:
+            side = _sidecar(out)
+            side_tmp = side.with_name(f"{side.name}.{os.getpid()}.tmp")
+            side_tmp.write_text(f"{_sha256(tmp)} {tmp.stat().st_size}\n")
+            # Checksum first: a library is never in place without the checksum that vouches for it.
+            # (Two ranks racing can pair one's checksum with the other's library; the next load
+            # then rebuilds, which costs time, not correctness.)
+            os.replace(side_tmp, side)
             os.replace(tmp, out)
             return out
         errors.append(
