@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from supcon.dist import local_command
+from launch import local_command  # tests/ is on sys.path under pytest
 
 COMMON = ["--dataset", "digits", "--epochs", "2", "--precision", "fp32", "--quiet"]
 ARGS = [
