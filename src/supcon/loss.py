@@ -309,14 +309,16 @@ def _check_temperature_tensor(t: torch.Tensor) -> float | None:
 def _check_options(temperature, variant, chunk_size, base_temperature) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(map(repr, VARIANTS))}")
+    checks = []
     if isinstance(temperature, torch.Tensor):
-        # A device tensor's value is not checked: that would block the host on every call.
-        temperature = _check_temperature_tensor(temperature)
-        if temperature is None:
-            temperature = 1.0
-    for name, value in (("temperature", temperature), ("base_temperature", base_temperature)):
-        if value is None and name == "base_temperature":
-            continue
+        value = _check_temperature_tensor(temperature)
+        if value is not None:  # a device tensor's value is not read: that would wait for the device
+            checks.append(("temperature", value))
+    else:
+        checks.append(("temperature", temperature))
+    if base_temperature is not None:
+        checks.append(("base_temperature", base_temperature))
+    for name, value in checks:
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
