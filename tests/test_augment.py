@@ -415,3 +415,11 @@ def test_all_rows_without_jitter_or_gray_are_only_cropped():
     got = BatchAugment().apply(x, p, views=2)
     want = BatchAugment(jitter_p=0.0, grayscale_p=0.0).apply(x, p, views=2)
     assert torch.equal(got, want)
+
+
+def test_an_empty_batch_gives_an_empty_stack():
+    # A rank with an empty share of the global batch still augments (and calls the loss) each step.
+    x = torch.zeros(0, 12, 12, 3, dtype=torch.uint8)
+    out = BatchAugment()(x, views=2, generator=gen())
+    assert out.shape == (0, 3, 12, 12) and out.dtype == torch.float32
+    assert split_views(out.flatten(1), 2).shape == (0, 2, 3 * 12 * 12)
