@@ -17,14 +17,16 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from supcon.dist import local_command
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the launch helpers live with the tests
+
+from launch import local_command  # noqa: E402
 
 
 def run(nproc: int, args, work: Path) -> dict:

@@ -24,12 +24,17 @@ class Case:
     chunk: int | None
     dtype: torch.dtype = torch.float64
     views: int = 2
+    # "slice": each rank's features are a slice of the batch's [B, V, D]; "trainer": they are the
+    # view-major rows [V * b, D] of an encoder's output, split into [b, V, D] as the trainer must,
+    # which for an empty share (b = 0) has to name the feature size rather than infer it.
+    layout: str = "slice"
 
     @property
     def id(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
         sizes = f"{self.sizes[0]}+{self.sizes[1]}"
-        return f"{self.variant}-{self.mode}-{sizes}-chunk{self.chunk}-{dtype}-v{self.views}"
+        layout = "" if self.layout == "slice" else f"-{self.layout}"
+        return f"{self.variant}-{self.mode}-{sizes}-chunk{self.chunk}-{dtype}-v{self.views}{layout}"
 
 
 def cases() -> list[Case]:
@@ -46,6 +51,13 @@ def cases() -> list[Case]:
         Case("out", "labels", (8, 5), None, torch.float32),
         Case("npairs", "labels", (6, 6), 5, torch.float32, views=1),
         Case("out", "simclr", (4, 2), 2, views=3),
+        # A rank with an empty share, its features shaped as in training.
+        Case("out", "labels", (0, 7), None, layout="trainer"),
+        Case("npairs", "labels", (5, 0), 2, torch.float32, layout="trainer"),
+        Case("in", "simclr", (0, 6), None, views=3, layout="trainer"),
+        Case("out", "mask", (6, 0), None, layout="trainer"),
+        Case("out", "labels", (0, 0), None, layout="trainer"),
+        Case("in", "mask", (0, 0), 2),
     ]
     return out
 
@@ -73,6 +85,18 @@ def local_part(case: Case, rank: int, features, labels):
     return features[start:stop], labels
 
 
+def rank_features(case: Case, features: torch.Tensor):
+    """(leaf tensor, what the loss is given, the leaf's gradient as [b, V, D]) for one rank."""
+    if case.layout == "slice":
+        leaf = features.clone().requires_grad_(True)
+        return leaf, leaf, lambda: leaf.grad
+    from supcon.augment import split_views
+
+    # An encoder's output: rows v * b + i, one per view of each local image (none for b = 0).
+    rows = features.transpose(0, 1).reshape(-1, features.shape[2]).clone().requires_grad_(True)
+    return rows, split_views(rows, case.views), lambda: split_views(rows.grad, case.views)
+
+
 def ddp_data():
     gen = torch.Generator().manual_seed(77)
     x = torch.randn(12, 2, 6, generator=gen)
@@ -97,14 +121,26 @@ def run(rank: int, port: int, outdir: str) -> None:
     )
     from supcon import dist as sdist
     from supcon.loss import supcon_loss
+    from sync_counter import SyncCounter
 
+    # Every collective below is checked against NCCL's rules: correct use must pass them.
+    sdist.set_strict("cpu")
     results: dict = {"cases": {}}
     for index, case in enumerate(cases()):
         features, labels = local_part(case, rank, *case_data(index, case))
-        features = features.clone().requires_grad_(True)
-        loss = supcon_loss(features, labels, variant=case.variant, chunk_size=case.chunk, gather=True)
+        _, given, grad = rank_features(case, features)
+        loss = supcon_loss(given, labels, variant=case.variant, chunk_size=case.chunk, gather=True)
         loss.backward()
-        results["cases"][case.id] = (loss.detach(), features.grad)
+        results["cases"][case.id] = (loss.detach(), grad())
+
+    # Host waits of one gathered step (strict mode off: its checks read on the host too).
+    sdist.set_strict(None)
+    features, labels = local_part(cases()[0], rank, *case_data(0, cases()[0]))
+    features = features.clone().requires_grad_(True)
+    with SyncCounter() as counter:
+        supcon_loss(features, labels, gather=True).backward()
+    results["gather_syncs"] = dict(counter.counts)
+    sdist.set_strict("cpu")
 
     # The helpers on their own: rows of different lengths, gradients routed back to their owners.
     x = torch.arange(3 * (rank + 1), dtype=torch.float64).reshape(rank + 1, 3).requires_grad_(True)

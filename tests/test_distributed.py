@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from supcon.dist import local_command
+from launch import local_command  # tests/ is on sys.path under pytest
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,10 @@ def _run(args, nproc, env):
 
 
 def torchrun(args, nproc=2):
-    return _run(args, nproc, {**os.environ, "OMP_NUM_THREADS": "1", "SUPCON_DIST_TIMEOUT": "60"})
+    # Strict collectives: every collective of the trainer is checked against NCCL's rules (tensors on
+    # the compute device, the same shape on every rank), so a CPU run catches what GPUs would refuse.
+    env = {"OMP_NUM_THREADS": "1", "SUPCON_DIST_TIMEOUT": "60", "SUPCON_STRICT_COLLECTIVES": "1"}
+    return _run(args, nproc, {**os.environ, **env})
 
 
 def single(args):

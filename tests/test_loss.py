@@ -528,6 +528,13 @@ def test_labels_on_another_dtype_and_shape_forms():
         ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0, got 0.0"),
         ({"temperature": -1}, ValueError, "temperature must be"),
         ({"temperature": float("nan")}, ValueError, "temperature must be"),
+        (
+            {"temperature": torch.tensor(-0.5)},
+            ValueError,
+            "temperature must be a finite number > 0, got -0.5",
+        ),
+        ({"temperature": torch.tensor([0.1])}, ValueError, "0-d real tensor"),
+        ({"temperature": torch.tensor(True)}, ValueError, "0-d real tensor"),
         ({"variant": "mean"}, ValueError, "unknown variant 'mean'; valid variants: 'out', 'in', 'npairs'"),
         ({"chunk_size": 0}, ValueError, "chunk_size must be None or an integer >= 1"),
         ({"base_temperature": 0}, ValueError, "base_temperature must be"),
@@ -545,3 +552,40 @@ def test_module_validates_options_early():
         SupConLoss(variant="sum")
     with pytest.raises(ValueError, match="temperature"):
         SupConLoss(temperature=0)
+
+
+@pytest.mark.parametrize("variant", ["out", "in", "npairs"])
+def test_temperature_as_a_tensor(variant):
+    gen = torch.Generator().manual_seed(23)
+    features = torch.randn(12, 2, 8, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (12,), generator=gen)
+    want = supcon_loss(features, labels, temperature=0.07, variant=variant, base_temperature=0.07)
+    tau = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
+    got = supcon_loss(features, labels, temperature=tau, variant=variant, base_temperature=0.07)
+    assert_close(got, want, 0, 0)
+    # a learned temperature receives its gradient
+    got.backward()
+    eps = 1e-6
+    fd = (
+        supcon_loss(features, labels, temperature=0.07 + eps, variant=variant, base_temperature=0.07)
+        - supcon_loss(features, labels, temperature=0.07 - eps, variant=variant, base_temperature=0.07)
+    ) / (2 * eps)
+    assert_close(tau.grad, fd, 1e-6, 1e-8)
+    module = SupConLoss(temperature=torch.tensor(0.07), variant=variant, base_temperature=0.07)
+    assert_close(module(features.float(), labels), want.float(), 1e-6, 1e-6)
+
+
+def test_class_index_and_counts_match_unique_and_bincount():
+    gen = torch.Generator().manual_seed(29)
+    for labels in (
+        torch.randint(-5, 5, (40,), generator=gen),
+        torch.randint(0, 10**9, (33,), generator=gen),
+        torch.tensor([7]),
+        torch.zeros(0, dtype=torch.long),
+        torch.tensor([3, 3, 3, 3]),
+    ):
+        _, inverse = torch.unique(labels, return_inverse=True)
+        assert torch.equal(loss_mod._class_index(labels), inverse)
+        n = labels.numel()
+        counts = loss_mod._class_counts(inverse, n, torch.float32)
+        assert torch.equal(counts, torch.bincount(inverse, minlength=n).float())

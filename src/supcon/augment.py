@@ -27,22 +27,19 @@ that took about twice the CPU time per image on 32x32 batches of 256 and 512 (be
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from supcon.errors import UsageError
 
 # SupContrast's CIFAR-10 statistics (the std values are the ones that code uses, not the per-pixel std).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
-CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
-CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
@@ -50,7 +47,31 @@ _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop.get_params
 MODES = ("supcon", "plain")
 _MODE_ALIASES = {"none": "plain"}
-CROP_BACKENDS = ("matmul", "grid_sample")
+# On the CPU the hue shift runs on the rows that take it at each position of the random op order
+# (a quarter of the work of shifting every row and selecting), at the price of reading on the host
+# which rows those are; on other devices that read would wait for the device, so every row is
+# shifted and the result selected. Both give identical images; tests switch this to compare them.
+_BRANCH_FREE_CPU = False
+
+
+def _branch_free(device: torch.device) -> bool:
+    return device.type != "cpu" or _BRANCH_FREE_CPU
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_const(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _const(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor made once per (values, dtype, device), not uploaded on every call.
+
+    Callers must not modify it. While torch.compile traces, a fresh one is made instead (a cached
+    tensor would otherwise be created under, and tied to, the tracing).
+    """
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached_const(values, dtype, torch.device(device))
 
 
 def _pair(v: Any, name: str) -> tuple[float, float]:
@@ -69,11 +90,8 @@ class AugmentConfig:
 
     ``mode="supcon"`` is the full pipeline; ``mode="plain"`` (alias ``"none"``) only scales to [0, 1] and
     normalizes if ``normalize`` is set, and draws no random numbers. ``size=None`` keeps the input size.
-    ``crop_backend``: "matmul" builds one interpolation matrix per axis and sample and applies them as
-    batched matrix products (exact crop-then-resize, antialiased when shrinking); "grid_sample" uses
-    affine grids and ``F.grid_sample`` (no antialiasing, and edge pixels blend with neighbours just
-    outside the crop box). On one CPU thread the crop of 1024 32x32 images took 15 ms with matmul and
-    18 ms with grid_sample; they tie at 96x96, and at 224x224 grid_sample takes about half the time.
+    The crop builds one interpolation matrix per axis and sample and applies them as batched matrix
+    products (exact crop-then-resize, antialiased when shrinking).
     """
 
     mode: str = "supcon"
@@ -91,7 +109,6 @@ class AugmentConfig:
     normalize: bool = True
     mean: tuple[float, ...] = CIFAR10_MEAN
     std: tuple[float, ...] = CIFAR10_STD
-    crop_backend: str = "matmul"
 
     def __post_init__(self) -> None:
         # Frozen, so fields are set through object.__setattr__; values from YAML arrive as lists.
@@ -123,9 +140,6 @@ class AugmentConfig:
             raise UsageError(f"augment hue must be in [0, 0.5], got {self.hue!r}")
         if self.jitter_order not in ("random", "fixed"):
             raise UsageError(f"augment jitter_order must be 'random' or 'fixed', got {self.jitter_order!r}")
-        if self.crop_backend not in CROP_BACKENDS:
-            valid = ", ".join(CROP_BACKENDS)
-            raise UsageError(f"unknown augment crop_backend {self.crop_backend!r}; choose one of: {valid}")
         mean, std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
         if len(mean) != len(std) or not mean:
             raise UsageError(
@@ -135,19 +149,6 @@ class AugmentConfig:
             raise UsageError(f"augment std must be positive, got {self.std!r}")
         set_(self, "mean", mean)
         set_(self, "std", std)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> AugmentConfig:
-        """Build from a mapping (a YAML section); unknown keys are a UsageError naming the valid ones."""
-        d = dict(d or {})
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise UsageError(f"unknown augment option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass
@@ -194,7 +195,7 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
         return x.clone()
     n, _, h, w = x.shape
     # One batched matrix product is faster on CPU than three scaled channel adds.
-    luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3)
+    luma = _const(_LUMA, x.dtype, x.device).view(1, 3)
     return torch.matmul(luma, x.reshape(n, 3, h * w)).view(n, 1, h, w)
 
 
@@ -212,10 +213,20 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     # Hue in sixths of a turn, as torchvision's _rgb2hsv (ties resolved in the order r, g, b).
     h6 = torch.where(maxc == r, g - b, torch.where(maxc == g, 2.0 * cr + b - r, 4.0 * cr + r - g))
     h6 = h6.div_(crd).add_(6.0 * shift.view(-1, 1, 1)).unsqueeze(1)
-    n = torch.tensor((5.0, 3.0, 1.0), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = _const((5.0, 3.0, 1.0), x.dtype, x.device).view(1, 3, 1, 1)
     k = torch.remainder(h6 + n, 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return ramp.mul_(cr.unsqueeze(1).neg()).add_(maxc.unsqueeze(1))
+
+
+def _shift_hue_rows_(x: torch.Tensor, rows: torch.Tensor, shift: torch.Tensor) -> None:
+    """``_shift_hue`` in place on the rows of ``x`` where the bool ``rows`` is true."""
+    if _branch_free(x.device):
+        x.copy_(torch.where(rows.view(-1, 1, 1, 1), _shift_hue(x, shift), x))
+        return
+    idx = torch.nonzero(rows).squeeze(1)
+    if idx.numel():
+        x.index_copy_(0, idx, _shift_hue(x.index_select(0, idx), shift.index_select(0, idx)))
 
 
 def _taps(
@@ -321,12 +332,15 @@ class BatchAugment:
         left = torch.where(found, left, torch.full_like(left, (width - fw) // 2))
         box = torch.stack((top, left, h, w), 1).long()
 
-        lo = torch.tensor(
-            [1 - c.brightness, 1 - c.contrast, 1 - c.saturation, -c.hue], dtype=u.dtype, device=u.device
-        ).clamp(min=torch.tensor([0.0, 0.0, 0.0, -1.0], dtype=u.dtype, device=u.device))
-        hi = torch.tensor(
-            [1 + c.brightness, 1 + c.contrast, 1 + c.saturation, c.hue], dtype=u.dtype, device=u.device
+        # Clamped before rounding to float32, which is monotonic: the same as clamping after.
+        lo = (
+            max(1 - c.brightness, 0.0),
+            max(1 - c.contrast, 0.0),
+            max(1 - c.saturation, 0.0),
+            max(-c.hue, -1.0),
         )
+        lo = _const(lo, u.dtype, u.device)
+        hi = _const((1 + c.brightness, 1 + c.contrast, 1 + c.saturation, c.hue), u.dtype, u.device)
         factors = (lo + (hi - lo) * u_fac).float()
         if c.jitter_order == "random":
             order = u_ord.argsort(1)  # a uniform random permutation per row
@@ -349,26 +363,13 @@ class BatchAugment:
         B, C, H, W = img.shape
         S, T = self.out_size(H, W)
         top, left, h, w = p.box.unbind(1)
-        if self.config.crop_backend == "matmul":
-            ry = _resize_matrix(top, h, H, S).view(views, B, S, H)
-            rx = _resize_matrix(left, w, W, T)
-            # A flip reverses the output columns, i.e. the rows of the column-interpolation matrix.
-            rx = torch.where(p.flip.view(-1, 1, 1), rx.flip(1), rx).view(views, B, T, W)
-            # out[v, b] = ry[v, b] @ img[b] @ rx[v, b]^T per channel; einsum batches it into matmuls.
-            out = torch.einsum("vbsh,bchw,vbtw->vbcst", ry, img, rx)
-            return out.reshape(views * B, C, S, T).contiguous()
-        # grid_sample: normalised output coords g map to input coords g * (len/in) + (2 * off + len)/in - 1.
-        f = p.box.to(img.dtype)
-        sx = f[:, 3] / W
-        sx = torch.where(p.flip, -sx, sx)
-        theta = torch.zeros(views * B, 2, 3, dtype=img.dtype, device=img.device)
-        theta[:, 0, 0] = sx
-        theta[:, 0, 2] = (2 * f[:, 1] + f[:, 3]) / W - 1
-        theta[:, 1, 1] = f[:, 2] / H
-        theta[:, 1, 2] = (2 * f[:, 0] + f[:, 2]) / H - 1
-        grid = F.affine_grid(theta, [views * B, C, S, T], align_corners=False)
-        src = img.unsqueeze(0).expand(views, B, C, H, W).reshape(views * B, C, H, W)
-        return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        ry = _resize_matrix(top, h, H, S).view(views, B, S, H)
+        rx = _resize_matrix(left, w, W, T)
+        # A flip reverses the output columns, i.e. the rows of the column-interpolation matrix.
+        rx = torch.where(p.flip.view(-1, 1, 1), rx.flip(1), rx).view(views, B, T, W)
+        # out[v, b] = ry[v, b] @ img[b] @ rx[v, b]^T per channel; einsum batches it into matmuls.
+        out = torch.einsum("vbsh,bchw,vbtw->vbcst", ry, img, rx)
+        return out.reshape(views * B, C, S, T).contiguous()
 
     def _jitter(self, x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
         """Colour jitter, in place on ``x`` (contiguous NCHW), with per-row factors and op order.
@@ -377,23 +378,24 @@ class BatchAugment:
 
         Brightness, contrast and saturation are all ``clamp(f * x + (1 - f) * ref)`` with ref 0, the
         image's mean luma, or the pixel's luma, so each of the four positions is one pass over all rows
-        with a per-row ref; hue is applied only to the rows whose op at that position is hue.
+        with a per-row ref (weight 0 for the rows whose op there is not a blend, which leaves them
+        exactly unchanged); hue goes to the rows whose op at that position is hue.
         """
         c = self.config
         one = torch.ones_like(p.factors)
+        strengths = (c.brightness > 0, c.contrast > 0, c.saturation > 0, c.hue > 0)
         # Identity factors for rows without jitter, and for ops whose strength is 0 (torchvision skips them).
-        active = torch.tensor(
-            [c.brightness > 0, c.contrast > 0, c.saturation > 0, c.hue > 0], device=x.device
-        ).view(1, 4) & p.jitter.view(-1, 1)
+        active = _const(strengths, torch.bool, x.device).view(1, 4) & p.jitter.view(-1, 1)
         fac = torch.where(
             active, p.factors, torch.where(torch.arange(4, device=x.device) == _HUE, 0 * one, one)
         )
         rows = torch.arange(x.shape[0], device=x.device)
+        any_blend, any_hue = any(strengths[:_HUE]), strengths[_HUE] and x.shape[1] == 3
         for pos in range(4):
             op = p.order[:, pos]
             f = fac[rows, op]
-            is_blend = (op != _HUE) & active[rows, op]
-            if bool(is_blend.any()):
+            if any_blend:
+                is_blend = (op != _HUE) & active[rows, op]
                 # In place on purpose: fresh full-size tensors cost page faults that dominate on CPU.
                 ref = _gray(x)
                 mean = ref.mean((2, 3), keepdim=True)
@@ -402,10 +404,8 @@ class BatchAugment:
                 # lerp towards ref with weight 1 - f; weight 0 (f = 1) leaves a row exactly unchanged.
                 wgt = torch.where(is_blend, 1.0 - f, torch.zeros_like(f)).view(-1, 1, 1, 1)
                 x.lerp_(ref.expand_as(x), wgt.expand_as(x)).clamp_(0.0, 1.0)
-            if x.shape[1] == 3:
-                idx = torch.nonzero((op == _HUE) & active[:, _HUE]).squeeze(1)
-                if idx.numel():
-                    x.index_copy_(0, idx, _shift_hue(x.index_select(0, idx), f.index_select(0, idx)))
+            if any_hue:
+                _shift_hue_rows_(x, (op == _HUE) & active[:, _HUE], f)
         return x
 
     def apply(self, x: torch.Tensor, params: AugmentParams, views: int = 1) -> torch.Tensor:
@@ -421,8 +421,10 @@ class BatchAugment:
                     raise ValueError(f"params have {params.box.shape[0]} rows, expected {views * B}")
                 img = img.contiguous()
                 out = self._crop_flip(img, params, views).clamp_(0.0, 1.0)
-                out = self._jitter(out, params)
-                if C == 3 and bool(params.gray.any()):
+                # Decided by the config alone: a test of the drawn values would wait for the device.
+                if c.jitter_p > 0 and (c.brightness > 0 or c.contrast > 0 or c.saturation > 0 or c.hue > 0):
+                    out = self._jitter(out, params)
+                if C == 3 and c.grayscale_p > 0:
                     out = torch.where(params.gray.view(-1, 1, 1, 1), _gray(out).expand_as(out), out)
             return self._finish(out)
 
@@ -435,8 +437,8 @@ class BatchAugment:
             return res.copy_(x)
         if len(c.mean) not in (1, C):
             raise UsageError(f"augment mean/std have {len(c.mean)} values but the images have {C} channel(s)")
-        mean = torch.tensor(c.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-        inv = 1.0 / torch.tensor(c.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        mean = _const(c.mean, torch.float32, x.device).view(1, -1, 1, 1)
+        inv = 1.0 / _const(c.std, torch.float32, x.device).view(1, -1, 1, 1)
         return (
             torch.addcmul(-mean * inv, x, inv, out=res) if len(c.mean) == C else res.copy_((x - mean) * inv)
         )
@@ -460,13 +462,6 @@ class BatchAugment:
 
 
 _EMPTY_PARAMS = AugmentParams(*(torch.empty(0) for _ in range(6)))
-
-
-def build_augment(config: AugmentConfig | Mapping[str, Any] | None = None, **overrides: Any) -> BatchAugment:
-    if config is None or isinstance(config, Mapping):
-        config = AugmentConfig.from_dict({**dict(config or {}), **overrides})
-        return BatchAugment(config)
-    return BatchAugment(config, **overrides)
 
 
 def save_view_grid(

@@ -207,7 +207,7 @@ def _class_stats(q, keys, k_cls, n_cls: int, row_offset: int, variant: str):
     """
     m = q.shape[0]
     q_cls = k_cls[row_offset : row_offset + m]
-    count = torch.bincount(k_cls, minlength=n_cls)[q_cls].to(q.dtype)
+    count = _class_counts(k_cls, n_cls, q.dtype)[q_cls]
     pos_dot = None
     if variant != "in":
         sums = keys.new_zeros(n_cls, keys.shape[1]).index_add_(0, k_cls, keys)
@@ -220,7 +220,7 @@ def _mask_stats(q, keys, mask, key_samples, row_offset: int, variant: str):
     """As :func:`_class_stats` for a sample-level mask; ``self_in`` tells where it held the self pair."""
     m, total = q.shape[0], mask.shape[1]
     q_rows = torch.arange(mask.shape[0], device=q.device).repeat(m // max(mask.shape[0], 1))
-    per_sample = torch.bincount(key_samples, minlength=total).to(q.dtype)
+    per_sample = _class_counts(key_samples, total, q.dtype)
     count = _rowwise_matmul(mask, per_sample[:, None])[:, 0][q_rows]
     pos_dot = None
     if variant != "in":
@@ -229,6 +229,30 @@ def _mask_stats(q, keys, mask, key_samples, row_offset: int, variant: str):
     self_in = mask[q_rows, key_samples[row_offset : row_offset + m]].to(q.dtype)
     pairs = _Pairs(row_offset, variant != "npairs", mask=mask, q_rows=q_rows, k_cols=key_samples)
     return count, pos_dot, pairs, self_in
+
+
+def _class_counts(cls: torch.Tensor, n_cls: int, dtype: torch.dtype) -> torch.Tensor:
+    """``bincount(cls, minlength=n_cls)`` as ``dtype``, for ``cls < n_cls``; exact below 2**24 rows.
+
+    ``bincount`` reads the largest value on the host to size its result (a sync on CUDA); the
+    bound ``n_cls`` is known, so an ``index_add_`` of ones gives the same counts without one.
+    """
+    return torch.zeros(n_cls, dtype=dtype, device=cls.device).index_add_(
+        0, cls, torch.ones(cls.shape, dtype=dtype, device=cls.device)
+    )
+
+
+def _class_index(labels: torch.Tensor) -> torch.Tensor:
+    """``torch.unique(labels, return_inverse=True)[1]``: each label's rank among the distinct labels.
+
+    ``unique`` reads its output size on the host (a sync on CUDA); the ranks come from a sort and a
+    running count of where the sorted labels change, whose sizes are those of ``labels``. The
+    number of classes is then only bounded by ``labels.numel()``, which callers use as the bound.
+    """
+    sorted_labels, order = torch.sort(labels)
+    change = torch.ones_like(sorted_labels, dtype=torch.long)
+    change[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    return torch.empty_like(change).scatter_(0, order, change.cumsum_(0).sub_(1))
 
 
 def _take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -275,12 +299,26 @@ def _check_features(features) -> torch.Tensor:
     return features
 
 
+def _check_temperature_tensor(t: torch.Tensor) -> float | None:
+    """The value of a 0-d tensor temperature if it can be read without waiting for a device."""
+    if t.dim() != 0 or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"temperature as a tensor must be a 0-d real tensor, got {t.dtype} {tuple(t.shape)}")
+    return float(t.detach()) if t.device.type == "cpu" else None
+
+
 def _check_options(temperature, variant, chunk_size, base_temperature) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(map(repr, VARIANTS))}")
-    for name, value in (("temperature", temperature), ("base_temperature", base_temperature)):
-        if value is None and name == "base_temperature":
-            continue
+    checks = []
+    if isinstance(temperature, torch.Tensor):
+        value = _check_temperature_tensor(temperature)
+        if value is not None:  # a device tensor's value is not read: that would wait for the device
+            checks.append(("temperature", value))
+    else:
+        checks.append(("temperature", temperature))
+    if base_temperature is not None:
+        checks.append(("base_temperature", base_temperature))
+    for name, value in checks:
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
@@ -325,7 +363,7 @@ def supcon_loss(
     features: torch.Tensor,
     labels: torch.Tensor | None = None,
     *,
-    temperature: float = 0.1,
+    temperature: float | torch.Tensor = 0.1,
     variant: str = "out",
     normalize: bool = True,
     chunk_size: int | None = None,
@@ -344,7 +382,8 @@ def supcon_loss(
             on samples: view pairs inherit it, so keep the diagonal true for a sample's own views to
             be positives. The mask ``y[:, None] == y[None, :]`` gives the same loss as the class ids
             ``y``, and ``eye(B)`` the same as ``None``.
-        temperature: ``tau`` > 0.
+        temperature: ``tau`` > 0: a number, or a 0-d tensor (which may require grad, e.g. a learned
+            temperature; on an accelerator its value is not checked, as that would wait for it).
         variant: ``"out"`` (eq. 2, default), ``"in"`` (eq. 3) or ``"npairs"`` (tfa's npairs_loss).
         normalize: L2-normalise the features along ``D`` first (``x / max(|x|, 1e-6)``, as
             ``tf.math.l2_normalize``: a zero vector stays zero, no NaN).
@@ -384,7 +423,11 @@ def supcon_loss(
     device = features.device
     mode, labels = _check_labels(labels, batch, device)
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-    temperature = float(temperature)
+    if isinstance(temperature, torch.Tensor):
+        # Kept a tensor (reading it would wait for the device), so it may also be a learned one.
+        temperature = temperature.to(device=device, dtype=dtype)
+    else:
+        temperature = float(temperature)
 
     with _no_autocast(device.type):
         x = features.to(dtype)
@@ -393,13 +436,15 @@ def supcon_loss(
         z = x.transpose(0, 1).reshape(views * batch, dim)
 
         if gather and _dist.world_size() > 1:
-            shapes = _dist.all_gather_nograd(torch.tensor([[batch, views, dim]], device=device))
-            if bool((shapes[:, 1:] != shapes[0, 1:]).any()):
+            # One exchange of every rank's [B, V, D], read once on the host: the sizes shape the
+            # gather (its padding and trimming), so this is the one wait the gather path needs.
+            shapes = _dist.all_gather_shapes([batch, views, dim], device)
+            if any(s[1:] != shapes[0][1:] for s in shapes):
                 raise ValueError(
                     "gather=True needs the same number of views and feature size on every rank, got "
-                    f"[B, V, D] = {shapes.tolist()}"
+                    f"[B, V, D] = {shapes}"
                 )
-            sizes = shapes[:, 0].tolist()
+            sizes = [s[0] for s in shapes]
             rank = _dist.rank()
             keys = _dist.all_gather_with_grad(z, [views * s for s in sizes])
         else:
@@ -414,9 +459,9 @@ def supcon_loss(
             k_labels = labels.repeat(views) if views > 1 else labels
             if gather:
                 k_labels = _dist.all_gather_nograd(k_labels, [views * s for s in sizes])
-            classes, k_cls = torch.unique(k_labels, return_inverse=True)
+            # The class of a key: the rank of its label, as torch.unique numbers them; at most n classes.
             count, pos_dot, pairs, self_in = _class_stats(
-                q, keys, k_cls, classes.numel(), row_offset, variant
+                q, keys, _class_index(k_labels), n, row_offset, variant
             )
         else:
             # Sample index of every key row in the global order: rank by rank, view-major in a rank.
@@ -464,7 +509,8 @@ def supcon_loss(
             local = torch.where(valid, per_anchor, 0.0).sum()
             n_valid = valid.sum().to(dtype)
         if gather:
-            mine = torch.stack([local.detach(), torch.as_tensor(n_valid, dtype=dtype, device=device)])
+            count_t = torch.full((), n_valid, dtype=dtype, device=device) if variant == "npairs" else n_valid
+            mine = torch.stack([local.detach(), count_t])
             totals = _dist.all_reduce_sum(mine)
             denom = totals[1].clamp_min(1)
             loss = local / denom + (totals[0] - local.detach()) / denom
@@ -496,7 +542,7 @@ class SupConLoss(nn.Module):
 
     def __init__(
         self,
-        temperature: float = 0.1,
+        temperature: float | torch.Tensor = 0.1,
         variant: str = "out",
         normalize: bool = True,
         chunk_size: int | None = None,

@@ -1,0 +1,49 @@
+"""Launch helpers for the tests and benchmarks that start processes on this machine."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a process group on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_command(args: list[str], nproc: int = 1) -> list[str]:
+    """The command line of ``supcon ARGS`` on this machine: one plain process, or ``torchrun`` with
+    ``nproc`` processes on a free local port."""
+    if nproc == 1:
+        return [sys.executable, "-m", "supcon", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "supcon",
+        *args,
+    ]
+
+
+def spawn(fn, args: tuple, nprocs: int, timeout_s: float) -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes; fail (not hang) past ``timeout_s``."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    # A hang (a collective that never matches) must fail the test, not block the suite.
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"the {nprocs} processes did not finish within {timeout_s} s")
