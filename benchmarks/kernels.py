@@ -17,7 +17,8 @@ import time
 import torch
 from torch.nn import functional as F
 
-from supcon import encoders, kernels
+from supcon import keras_cnn as encoders
+from supcon import kernels
 from supcon.loss import supcon_loss
 from supcon.runtime import resolve_runtime, tune_cpu
 

@@ -85,7 +85,7 @@ def test_same_result_on_one_and_two_threads_and_without_grad():
 
 @needs_kernel
 def test_encoder_gradients_match_pytorch_ops(monkeypatch):
-    from supcon import encoders
+    from supcon import keras_cnn as encoders
 
     torch.manual_seed(0)
     enc = encoders.KerasCNN().to(memory_format=torch.channels_last)
