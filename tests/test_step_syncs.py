@@ -1,7 +1,6 @@
 """Host waits per training step of the trainer, counted on the CPU as they would occur on a GPU."""
 
 import pytest
-import torch
 
 from supcon import loop, phases
 from supcon.config import Config, set_values

@@ -497,29 +497,36 @@ def supcon_loss(
             chunk_size = max(1, TILE_PAIRS // n)
         lse, lse_pos = _RowLogSumExp.apply(q, keys, pairs, variant == "in", chunk_size)
 
-        if variant == "npairs":  # every anchor is its own target
-            local = (lse - pos_dot / count).sum()
-            n_valid = float(m)
-        else:
-            valid = count > 0
-            safe_count = count.clamp_min(1)
-            per_anchor = lse - lse_pos + safe_count.log() if variant == "in" else lse - pos_dot / safe_count
-            # Anchors without positives have no term (their value may be inf); where() also stops
-            # their gradient, and an empty batch gives a zero that is still part of the graph.
-            local = torch.where(valid, per_anchor, 0.0).sum()
-            n_valid = valid.sum().to(dtype)
-        if gather:
-            count_t = torch.full((), n_valid, dtype=dtype, device=device) if variant == "npairs" else n_valid
-            mine = torch.stack([local.detach(), count_t])
-            totals = _dist.all_reduce_sum(mine)
-            denom = totals[1].clamp_min(1)
-            loss = local / denom + (totals[0] - local.detach()) / denom
-        elif isinstance(n_valid, float):
-            loss = local / max(n_valid, 1.0)
-        else:
-            loss = local / n_valid.clamp_min(1)
+        loss = _mean_over_anchors(lse, lse_pos, count, pos_dot, variant, gather)
         if base_temperature is not None:
             loss = loss * (temperature / base_temperature)
+    return loss
+
+
+def _mean_over_anchors(lse, lse_pos, count, pos_dot, variant: str, gather: bool) -> torch.Tensor:
+    """The mean of the anchors' terms ``l_i``; with ``gather``, over the anchors of every rank."""
+    m, dtype, device = lse.shape[0], lse.dtype, lse.device
+    if variant == "npairs":  # every anchor is its own target
+        local = (lse - pos_dot / count).sum()
+        n_valid = float(m)
+    else:
+        valid = count > 0
+        safe_count = count.clamp_min(1)
+        per_anchor = lse - lse_pos + safe_count.log() if variant == "in" else lse - pos_dot / safe_count
+        # Anchors without positives have no term (their value may be inf); where() also stops
+        # their gradient, and an empty batch gives a zero that is still part of the graph.
+        local = torch.where(valid, per_anchor, 0.0).sum()
+        n_valid = valid.sum().to(dtype)
+    if gather:
+        count_t = torch.full((), n_valid, dtype=dtype, device=device) if variant == "npairs" else n_valid
+        mine = torch.stack([local.detach(), count_t])
+        totals = _dist.all_reduce_sum(mine)
+        denom = totals[1].clamp_min(1)
+        loss = local / denom + (totals[0] - local.detach()) / denom
+    elif isinstance(n_valid, float):
+        loss = local / max(n_valid, 1.0)
+    else:
+        loss = local / n_valid.clamp_min(1)
     return loss
 
 

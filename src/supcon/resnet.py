@@ -52,6 +52,13 @@ class Conv1x1(nn.Conv2d):
         return super().forward(x)
 
 
+def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
+    """A block's identity path, or a 1x1 projection (+ BN) where the shape changes."""
+    if stride == 1 and in_planes == out_planes:
+        return nn.Sequential()
+    return nn.Sequential(Conv1x1(in_planes, out_planes, stride=stride), nn.BatchNorm2d(out_planes))
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -61,12 +68,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes * self.expansion:
-            self.shortcut = nn.Sequential(
-                Conv1x1(in_planes, planes * self.expansion, stride=stride),
-                nn.BatchNorm2d(planes * self.expansion),
-            )
+        self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
 
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn2
@@ -88,12 +90,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes * self.expansion:
-            self.shortcut = nn.Sequential(
-                Conv1x1(in_planes, planes * self.expansion, stride=stride),
-                nn.BatchNorm2d(planes * self.expansion),
-            )
+        self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
 
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn3
