@@ -41,6 +41,7 @@ and gradient.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -468,7 +469,7 @@ def supcon_loss(
             key_samples = torch.cat(
                 [
                     torch.arange(o, o + s, device=device).repeat(views)
-                    for o, s in zip(_offsets(sizes), sizes, strict=True)
+                    for o, s in zip(itertools.accumulate([0, *sizes[:-1]]), sizes, strict=True)
                 ]
             )
             if mode == "simclr":  # the classes are the samples
@@ -528,14 +529,6 @@ def _mean_over_anchors(lse, lse_pos, count, pos_dot, variant: str, gather: bool)
     else:
         loss = local / n_valid.clamp_min(1)
     return loss
-
-
-def _offsets(sizes: list[int]) -> list[int]:
-    out, acc = [], 0
-    for s in sizes:
-        out.append(acc)
-        acc += s
-    return out
 
 
 class SupConLoss(nn.Module):
