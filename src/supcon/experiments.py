@@ -17,7 +17,7 @@ import torch
 
 from supcon import dist
 from supcon.checkpoint import save_weights
-from supcon.config import PHASES, Config, load_preset, set_values, validate
+from supcon.config import PHASES, Config, load_preset, set_values
 from supcon.datasets import ImageDataset, Split, load_split
 from supcon.errors import UsageError
 from supcon.evaluate import accuracy, encoder_knn, extract_features, predict
@@ -27,7 +27,6 @@ from supcon.phases import pretrain, train_ce, train_linear
 from supcon.report import plot_curves, plot_tsne, write_report
 from supcon.rundir import Run, default_run_dir, open_run, read_config, read_metrics
 from supcon.runtime import resolve_runtime
-from supcon.stop import Interrupted
 
 
 def _load(run: Run) -> tuple[ImageDataset, Split]:
@@ -293,7 +292,6 @@ def base_config(command: str, preset: str | None, resume_dir: Path | None, from_
 
 __all__ = [
     "COMMANDS",
-    "Interrupted",
     "compare",
     "evaluate_run",
     "finish",
@@ -302,5 +300,4 @@ __all__ = [
     "run",
     "run_command",
     "train_ce_only",
-    "validate",
 ]
