@@ -4,7 +4,7 @@ Meta tensors have a device but no data: any op that mixes them with a CPU tensor
 element raises, as CUDA does. Running :func:`supcon.loop.fit` on ``meta`` checks that the loop keeps
 its step bookkeeping, epoch totals and stop agreement on the compute device (stacking CUDA epoch
 totals with a CPU tensor crashed every GPU run at the end of epoch 1). The loop reads device values
-only through ``loop.host_read``, which the dry run answers with ones, and the checkpoint writes
+only through ``loop.host_read``, which the dry run answers with made-up values, and the checkpoint writes
 are left out (meta tensors hold no data to save).
 """
 
@@ -28,7 +28,8 @@ def dry(monkeypatch, tmp_path):
     def host_read(t):
         assert t.device == META, f"a host read of a {t.device} tensor: the loop mixed devices"
         reads.append(t.numel())
-        return [1.0] * t.numel()
+        # 0 for a single value (a finite running loss, no stop requested), 1 for each epoch total.
+        return [0.0] if t.numel() == 1 else [1.0] * t.numel()
 
     real = Streams.for_rank
 
@@ -77,3 +78,52 @@ def test_the_dry_run_catches_a_cpu_tensor_in_the_epoch_totals(dry, monkeypatch):
     monkeypatch.setattr(torch, "stack", old_totals)
     with pytest.raises(RuntimeError, match="device"):
         loop.fit(_phase("ce", True), run)
+
+
+@pytest.fixture
+def two_ranks(monkeypatch):
+    """Rank 0 of two, the collectives answered locally: each one records the device of its tensor."""
+    from supcon import dist
+
+    devices = []
+
+    def all_reduce_sum(t):
+        devices.append(t.device)
+        return t.detach().clone()
+
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    monkeypatch.setattr(dist, "all_reduce_sum", all_reduce_sum)
+    return devices
+
+
+def test_under_two_ranks_every_collective_of_the_loop_is_on_the_compute_device(dry, two_ranks):
+    run, _ = dry
+    phase = _phase("pretrain", False)
+    phase.n_train, phase.cfg.batch_size = 40, 2  # 20 steps: a stop agreement at step 16 and at the end
+    phase.step = _sharded(phase.step)
+    loop.fit(phase, run)
+    # Per epoch: stop agreements after steps 16 and 20, the epoch totals; then one at the epoch's end.
+    assert len(two_ranks) == 7 and set(two_ranks) == {META}, two_ranks
+
+
+def test_the_dry_run_catches_a_stop_flag_on_the_cpu(dry, two_ranks, monkeypatch):
+    from supcon import dist
+    from supcon.stop import StopFlag
+
+    run, _ = dry
+    # What the loop did before: the stop flag built on the CPU, whatever the compute device (NCCL
+    # refuses it).
+    monkeypatch.setattr(
+        StopFlag, "requested_anywhere", lambda self, device="cpu": dist.all_reduce_sum(torch.tensor(0.0))
+    )
+    phase = _phase("pretrain", False)
+    phase.n_train, phase.cfg.batch_size = 40, 2
+    phase.step = _sharded(phase.step)
+    with pytest.raises(AssertionError, match="host read of a cpu tensor"):
+        loop.fit(phase, run)
+
+
+def _sharded(step):
+    # The indices the loop hands a rank are its share; the dry-run model takes any of the 10 rows.
+    return lambda idx, n_global, g: step(idx % 10, n_global, g)

@@ -120,7 +120,7 @@ def fit(phase: Phase, run: Run) -> list[dict]:
         run.log.append(record)
         state.epoch, state.step = state.epoch + 1, 0
         last = state.epoch == pc.epochs
-        stopping = not last and (run.stop.requested_by_all(rt.device) or state.epoch == run.stop_after)
+        stopping = not last and (_stop_agreed(run) or state.epoch == run.stop_after)
         if last or stopping or state.epoch % run.cfg.checkpoint_every == 0:
             path = _save(phase, run, state, parts, streams.data.get_state())
             if stopping:
@@ -213,7 +213,14 @@ def _stop_now(run: Run, s: int, steps: int) -> bool:
     # others costs a collective and a host read, so only every few steps.
     if (s + 1) % STOP_CHECK_EVERY and s + 1 < steps:
         return False
-    return run.stop.requested_by_all(run.rt.device)
+    return _stop_agreed(run)
+
+
+def _stop_agreed(run: Run) -> bool:
+    """Whether any rank was asked to stop (all ranks call it at the same point)."""
+    if dist.world_size() == 1:
+        return run.stop.requested
+    return host_read(run.stop.requested_anywhere(run.rt.device))[0] > 0
 
 
 def _epoch_record(phase: Phase, run: Run, totals: _Totals, sched, seconds: float, state: _State) -> dict:

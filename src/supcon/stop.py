@@ -44,10 +44,7 @@ class StopFlag:
         self._old.clear()
         return False
 
-    def requested_by_all(self, device: torch.device | str = "cpu") -> bool:
-        """Whether any rank was asked to stop. Under torchrun a collective on ``device`` (the one
-        the process group's backend serves): every rank must call it at the same point."""
-        if dist.world_size() == 1:
-            return self.requested
-        flag = torch.tensor(float(self.requested), device=device)
-        return bool(dist.all_reduce_sum(flag).item() > 0)
+    def requested_anywhere(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """How many ranks were asked to stop, summed on ``device`` (the one the process group's
+        backend serves). A collective: every rank must call it at the same point."""
+        return dist.all_reduce_sum(torch.tensor(float(self.requested), device=device))
