@@ -157,3 +157,33 @@ def test_the_printed_resume_command_works_also_with_the_original_preset(tmp_path
     code, _, err = run_cli([*args[:-2], "--out", str(tmp_path / "again"), "--stop-after", "1"], capsys)
     code, _, err = run_cli([*args[:-2], "--out", str(tmp_path / "again"), "--resume"], capsys)
     assert code == 0, err  # the same command plus --resume, preset included
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_while_a_run_holds_its_folder(tmp_path, capsys):
+    import os
+    import signal
+
+    out = tmp_path / "run"
+    args = ["train-ce", "--dataset", "digits", "--epochs", "50", "--batch-size", "32", "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "supcon", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        for line in first.stdout:  # the first run is training
+            if "ce epoch 1/50" in line:
+                break
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            code, _, err = run_cli([*args, "--quiet", *extra], capsys)
+            assert code == 2 and f"is in use by pid {first.pid}" in err, (extra, err)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 0
+    code, _, err = run_cli([*args[:4], "2", *args[5:], "--quiet", "--resume"], capsys)
+    assert code == 2 and "config differs" in err  # the lock is gone with its process; the config check speaks
