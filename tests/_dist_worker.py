@@ -6,7 +6,6 @@ compute the single-process loss to compare with.
 
 from __future__ import annotations
 
-import datetime
 import os
 from dataclasses import dataclass
 
@@ -110,15 +109,9 @@ def ddp_model():
 
 
 def run(rank: int, port: int, outdir: str) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    from launch import join_local_group
+
+    join_local_group(rank, port, WORLD)
     from supcon import dist as sdist
     from supcon.loss import supcon_loss
     from sync_counter import SyncCounter

@@ -6,7 +6,6 @@ raised alike (none left waiting in a collective) and that correct use passed.
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import torch
@@ -26,16 +25,10 @@ def _outcome(fn) -> str | None:
 
 
 def run(rank: int, port: int, outdir: str) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    from launch import join_local_group
+
     os.environ["SUPCON_STRICT_COLLECTIVES"] = "1"  # the backend's device: the CPU under gloo
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    join_local_group(rank, port, WORLD)
     from supcon import dist as sdist
     from supcon.loss import supcon_loss
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import os
 import socket
 import sys
 
@@ -47,3 +49,19 @@ def spawn(fn, args: tuple, nprocs: int, timeout_s: float) -> None:
                 if p.is_alive():
                     p.kill()
             pytest.fail(f"the {nprocs} processes did not finish within {timeout_s} s")
+
+
+def join_local_group(rank: int, port: int, world: int) -> None:
+    """Join a gloo process group on 127.0.0.1 as one of ``world`` spawned test workers (one thread)."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
