@@ -82,6 +82,7 @@ class _Totals:
     loss: torch.Tensor
     correct: torch.Tensor
     seen: int = 0
+    classifies: bool = False  # the steps count correct predictions (a training accuracy exists)
 
 
 def _optimization(phase: Phase, steps_per_epoch: int, device: torch.device):
@@ -152,6 +153,7 @@ def _run_epoch(phase: Phase, run: Run, perm, state: _State, parts, g_state) -> _
         totals.loss += out.loss.detach() * len(local)
         if out.correct is not None:
             totals.correct += out.correct
+            totals.classifies = True
         totals.seen += len(local)
         if s % CHECK_EVERY == 0:
             _check_running_loss(phase, run, state, totals, s, bar, sched)
@@ -231,7 +233,7 @@ def _epoch_record(phase: Phase, run: Run, totals: _Totals, sched, seconds: float
     if not math.isfinite(loss):
         _diverged(phase, run, state, None, loss / n, sched)
     record = {"phase": phase.name, "epoch": state.epoch + 1, "loss": round(loss / n, 6)}
-    if phase.name != "pretrain":
+    if totals.classifies:
         record["train_acc"] = round(correct / n, 6)
     record["lr"] = sched.get_last_lr()[0]
     record["seconds"] = round(seconds, 3)
