@@ -85,7 +85,7 @@ class _Totals:
     classifies: bool = False  # the steps count correct predictions (a training accuracy exists)
 
 
-def _optimization(phase: Phase, steps_per_epoch: int, device: torch.device):
+def _optimization(phase: Phase, steps_per_epoch: int):
     pc = phase.cfg
     lr = scale_lr(pc.lr, pc.batch_size) if pc.scale_lr else pc.lr
     opt = build_optimizer(
@@ -106,7 +106,7 @@ def fit(phase: Phase, run: Run) -> list[dict]:
     if phase.n_train < 1:
         raise UsageError(f"{phase.name}: no training images")
     steps = math.ceil(phase.n_train / pc.batch_size)
-    opt, sched = _optimization(phase, steps, rt.device)
+    opt, sched = _optimization(phase, steps)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype is torch.float16)
     streams = Streams.for_rank(run.cfg.seed, PHASE_IDS[phase.name], dist.rank(), rt.device)
     state = _resume(phase, run, opt, sched, scaler, streams)
