@@ -46,8 +46,12 @@ def _phase(run: Run, data: ImageDataset, phase: str, train: Callable[[], torch.n
     return model
 
 
+def _encoder_use(cfg: Config) -> str:
+    return "fine-tuned" if cfg.linear.finetune else "frozen"
+
+
 def _classifier_name(cfg: Config) -> str:
-    return f"{'fine-tuned' if cfg.linear.finetune else 'frozen'} encoder + classifier"
+    return f"{_encoder_use(cfg)} encoder + classifier"
 
 
 def _row(run: Run, name: str, model, data: ImageDataset, phases: list[str], test_acc=None) -> dict:
@@ -111,10 +115,10 @@ def compare(run: Run) -> dict:
     ce = _phase(run, data, "ce", lambda: train_ce(run, data, split))
     pre = _phase(run, data, "pretrain", lambda: pretrain(run, data, split))
     clf = _phase(run, data, "linear", lambda: train_linear(run, data, split, pre.encoder))
-    use = "fine-tuned" if run.cfg.linear.finetune else "frozen"
+    name = f"{_method(run.cfg)} + {_encoder_use(run.cfg)} classifier"
     rows = [
         _row(run, "cross-entropy", ce, data, ["ce"]),
-        _row(run, f"{_method(run.cfg)} + {use} classifier", clf, data, ["pretrain", "linear"]),
+        _row(run, name, clf, data, ["pretrain", "linear"]),
     ]
     encoders = {"cross-entropy encoder": ce.encoder, f"{_method(run.cfg)} encoder": pre.encoder}
     return finish(run, data, f"supcon compare: {run.cfg.name} on {data.name}", rows, encoders)
