@@ -33,6 +33,8 @@ class ImageDataset:
     test_y: torch.Tensor
     classes: list[str]
     norm: Normalize | None = None  # how model inputs are standardised (None: plain [0, 1])
+    train_paths: list[str] | None = None  # where each image came from, when it came from a file
+    test_paths: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
