@@ -49,7 +49,8 @@ def _phase(name: str, with_correct: bool):
     x = torch.empty(10, 4, device=META)
     y = torch.zeros(10, dtype=torch.long, device=META)
 
-    def step(idx, n_global, g):
+    def step(b, n_global, g):
+        idx = b.idx
         logits = model(x[idx.to(META)])
         loss = nn.functional.cross_entropy(logits, y[idx.to(META)])
         correct = (logits.argmax(1) == y[idx.to(META)]).sum() if with_correct else None
@@ -126,4 +127,4 @@ def test_the_dry_run_catches_a_stop_flag_on_the_cpu(dry, two_ranks, monkeypatch)
 
 def _sharded(step):
     # The indices the loop hands a rank are its share; the dry-run model takes any of the 10 rows.
-    return lambda idx, n_global, g: step(idx % 10, n_global, g)
+    return lambda b, n_global, g: step(b._replace(idx=b.idx % 10), n_global, g)

@@ -96,6 +96,7 @@ class AugmentConfig:
 
     mode: str = "supcon"
     size: int | tuple[int, int] | None = None
+    crop: bool = True  # False: the images come cropped already (flip, jitter and grayscale only)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
@@ -361,6 +362,9 @@ class BatchAugment:
     def _crop_flip(self, img: torch.Tensor, p: AugmentParams, views: int) -> torch.Tensor:
         """img [B, C, H, W] float -> [V * B, C, S, T] (crop, resize, flip in one batched op)."""
         B, C, H, W = img.shape
+        if not self.config.crop:
+            out = img.unsqueeze(0).expand(views, *img.shape).reshape(views * B, C, H, W)
+            return torch.where(p.flip.view(-1, 1, 1, 1), out.flip(3), out).contiguous()
         S, T = self.out_size(H, W)
         top, left, h, w = p.box.unbind(1)
         ry = _resize_matrix(top, h, H, S).view(views, B, S, H)

@@ -28,6 +28,7 @@ ClassifierKind = Literal["dropout-dense", "linear"]
 Method = Literal["supcon", "simclr"]
 Variant = Literal["out", "in", "npairs"]
 Schedule = Literal["constant", "cosine", "step"]
+ImageStore = Literal["auto", "memory", "disk"]
 
 
 def choices(tp: Any) -> tuple[str, ...]:
@@ -47,6 +48,10 @@ class DataConfig:
     image_size: int | None = _num(None, ge=1)  # resize (image folders) / scale (digits)
     val_fraction: float = _num(0.0, ge=0, lt=1)  # carved from train; the test set is touched once
     normalize: bool = False  # standardise inputs with the training set's per-channel mean/std
+    # Image files: decoded into memory (square arrays) or an on-disk memory-mapped store (their own
+    # aspect ratio; datasets larger than memory); auto = the store from 64 px on.
+    store: ImageStore = "auto"
+    test_fraction: float = _num(0.2, gt=0, lt=1)  # test share of image data given without a split
 
 
 @dataclass

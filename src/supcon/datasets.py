@@ -6,6 +6,7 @@ conversion to float and augmentation happen per batch on the training device.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from supcon.errors import UsageError
+from supcon.imageset import take
 from supcon.registry import DATASETS, register_dataset
 
 
@@ -22,6 +24,11 @@ class Normalize:
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+
+# Image files go to the on-disk store (data.store=auto) when trained at this size or more: real
+# photos at real resolution, whose arrays would not fit in memory and whose crops need their aspect.
+STORE_FROM = 64
 
 
 @dataclass
@@ -35,6 +42,10 @@ class ImageDataset:
     norm: Normalize | None = None  # how model inputs are standardised (None: plain [0, 1])
     train_paths: list[str] | None = None  # where each image came from, when it came from a file
     test_paths: list[str] | None = None
+
+    def __or__(self, fields: dict) -> ImageDataset:
+        """The same dataset with some fields set (``data | {"train_paths": ...}``)."""
+        return dataclasses.replace(self, **fields)
 
     @property
     def num_classes(self) -> int:
@@ -114,15 +125,57 @@ def load_cifar100(path: str | None = None, progress: bool = True, **_) -> ImageD
 
 @register_dataset("imagefolder")
 def load_folder(
-    path: str | None = None, image_size: int | None = None, progress: bool = True, **_
+    path: str | None = None,
+    image_size: int | None = None,
+    progress: bool = True,
+    store: str = "auto",
+    test_fraction: float = 0.2,
+    **_,
 ) -> ImageDataset:
-    """``PATH/train/<class>/*`` and ``PATH/test/<class>/*``; decoded once, cached outside PATH."""
-    from supcon.imagefolder import load_imagefolder
+    """Image files: ``PATH/train/<class>/*`` and ``PATH/test/<class>/*``, ``PATH/<class>/*`` (split by
+    ``test_fraction``) or a CSV manifest (see :mod:`supcon.manifest`).
+
+    Held in memory as square ``image_size`` arrays, or, with ``store="disk"`` (``"auto"``: from 64 px
+    on), memory-mapped from an on-disk store at their own aspect ratio (see :mod:`supcon.store`).
+    Decoded once either way; both caches live outside PATH.
+    """
+    from supcon.imagefolder import decode_files
+    from supcon.manifest import read_manifest
 
     if not path:
         raise UsageError("dataset 'imagefolder' needs --data PATH")
-    arrays = load_imagefolder(Path(path), image_size=image_size, progress=progress)
-    return _from_arrays(Path(path).name or "imagefolder", *arrays)
+    m = read_manifest(path, test_fraction)
+    name = m.root.stem if m.root.is_file() else (m.root.name or "imagefolder")
+    paths = {"train_paths": [f[0] for f in m.train], "test_paths": [f[0] for f in m.test]}
+    if use_store(store, image_size):
+        return _stored(name, m, image_size, progress) | paths
+    arrays = decode_files(m.root, m.classes, m.train, m.train_y, m.test, m.test_y, image_size=image_size,
+                          progress=progress)  # fmt: skip
+    return _from_arrays(name, *arrays) | paths
+
+
+def use_store(store: str, image_size: int | None) -> bool:
+    """Whether image files go to the on-disk store (``data.store``; auto: training at 64 px or more)."""
+    if store == "disk" and image_size is None:
+        raise UsageError("data.store=disk needs --image-size (the size images are trained at)")
+    return store == "disk" or (store == "auto" and image_size is not None and image_size >= STORE_FROM)
+
+
+def _stored(name: str, m, image_size: int, progress: bool) -> ImageDataset:
+    from supcon.imageset import StoredImages, storage_side
+    from supcon.store import open_store
+
+    st = open_store(m, storage_side(image_size), progress=progress)
+    n = len(m.train)
+    ds = ImageDataset(
+        name=name,
+        train_x=StoredImages(st, np.arange(n), image_size),
+        train_y=torch.from_numpy(m.train_y),
+        test_x=StoredImages(st, np.arange(n, n + len(m.test)), image_size),
+        test_y=torch.from_numpy(m.test_y),
+        classes=list(m.classes),
+    )
+    return ds
 
 
 def _looks_like_cifar(path: Path) -> str | None:
@@ -180,11 +233,15 @@ def split_validation(
         raise UsageError(
             f"data.val_fraction={fraction} leaves no training images ({len(y)} in all); use a smaller share"
         )
-    return x[keep], y[keep], x[val], y[val]
+    return take(x, keep), y[keep], take(x, val), y[val]
 
 
-def channel_stats(images: torch.Tensor) -> Normalize:
-    """Per-channel mean/std (in [0, 1] units) of uint8 images [N, H, W, C]."""
+def channel_stats(images, sample: int = 4096) -> Normalize:
+    """Per-channel mean/std (in [0, 1] units) of uint8 images [N, H, W, C]; of a seeded sample of
+    ``sample`` images' evaluation views for stored images (reading every file would take minutes)."""
+    if not isinstance(images, torch.Tensor):
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:sample]
+        images = images[pick.sort().values]
     x = images.reshape(-1, images.shape[-1])
     mean = torch.zeros(x.shape[1], dtype=torch.float64)
     sq = torch.zeros(x.shape[1], dtype=torch.float64)
@@ -209,7 +266,10 @@ def load_split(data_cfg, seed: int, progress: bool = True) -> tuple[ImageDataset
 
     d = data_cfg
     with dist.local_main_first():
-        data = load_dataset(d.dataset, d.path, image_size=d.image_size, seed=seed, progress=progress)
+        data = load_dataset(
+            d.dataset, d.path, image_size=d.image_size, seed=seed, progress=progress, store=d.store,
+            test_fraction=d.test_fraction,
+        )  # fmt: skip
     split = Split(*split_validation(data.train_x, data.train_y, d.val_fraction, seed))
     if d.normalize:
         data.norm = channel_stats(split.train_x)

@@ -61,6 +61,54 @@ def load_imagefolder(
         isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
     ):
         raise UsageError(f"image size must be a positive whole number of pixels, got {image_size!r}")
+    root = check_root(path)
+    if not root.is_dir():
+        raise UsageError(
+            f"data path {root} is not a folder (expected {root}/train/<class>/ and {root}/test/<class>/)"
+        )
+    classes = _classes(root)
+    train = [_list_class(root, "train", c) for c in classes]
+    test = [_list_class(root, "test", c) for c in classes]
+    return decode_files(
+        root, classes, _flat(train), _labels(train), _flat(test), _labels(test),
+        image_size=image_size, cache_dir=cache_dir, progress=progress, workers=workers,
+    )  # fmt: skip
+
+
+def decode_files(
+    root: Path,
+    classes: list[str],
+    train: list[_File],
+    y_train: np.ndarray,
+    test: list[_File],
+    y_test: np.ndarray,
+    *,
+    image_size: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+) -> RawSplit:
+    """Decode listed files into arrays, from the decode cache when nothing changed since the last read."""
+    cache_file = _cache_file(root, cache_dir, image_size, train + test, np.concatenate([y_train, y_test]))
+    cached = _read_cache(cache_file, classes)
+    if cached is not None:
+        return cached
+    x = _decode_all(
+        train + test, image_size, progress=progress, workers=workers, desc=f"decoding {root.name}"
+    )
+    out = (
+        x[: len(train)],
+        np.asarray(y_train, np.int64),
+        x[len(train) :],
+        np.asarray(y_test, np.int64),
+        classes,
+    )
+    _write_cache(cache_file, root, out)
+    return out
+
+
+def check_root(path: str | os.PathLike[str]) -> Path:
+    """The resolved data path; a missing or unreadable one is one line naming it."""
     root = Path(path).expanduser()
     try:
         is_dir = root.is_dir()
@@ -71,28 +119,15 @@ def load_imagefolder(
         raise UsageError(f"cannot read data path {root}: {e.strerror or e}") from None
     if not exists:
         raise UsageError(f"data folder {root} does not exist")
-    if not is_dir:
-        raise UsageError(
-            f"data path {root} is not a folder (expected {root}/train/<class>/ and {root}/test/<class>/)"
-        )
-    root = root.resolve()
-    classes = _classes(root)
-    train = [_list_class(root, "train", c) for c in classes]
-    test = [_list_class(root, "test", c) for c in classes]
+    return root.resolve()
 
-    cache_file = _cache_file(root, cache_dir, image_size, train, test)
-    cached = _read_cache(cache_file, classes)
-    if cached is not None:
-        return cached
 
-    files = [f for per_class in (*train, *test) for f in per_class]
-    x = _decode_all(files, image_size, progress=progress, workers=workers, desc=f"decoding {root.name}")
-    n_train = sum(len(c) for c in train)
-    y_train = np.repeat(np.arange(len(classes), dtype=np.int64), [len(c) for c in train])
-    y_test = np.repeat(np.arange(len(classes), dtype=np.int64), [len(c) for c in test])
-    out = (x[:n_train], y_train, x[n_train:], y_test, classes)
-    _write_cache(cache_file, root, out)
-    return out
+def _flat(per_class: list[list[_File]]) -> list[_File]:
+    return [f for files in per_class for f in files]
+
+
+def _labels(per_class: list[list[_File]]) -> np.ndarray:
+    return np.repeat(np.arange(len(per_class), dtype=np.int64), [len(c) for c in per_class])
 
 
 # --------------------------------------------------------------------------- listing
@@ -176,15 +211,11 @@ def _list_class(root: Path, split: str, cls: str) -> list[_File]:
 
 
 def _cache_file(
-    root: Path,
-    cache_dir: str | os.PathLike[str] | None,
-    image_size: int | None,
-    train: list[list[_File]],
-    test: list[list[_File]],
+    root: Path, cache_dir: str | os.PathLike[str] | None, image_size: int | None, files: list[_File], labels
 ) -> Path:
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_root()
     lines = [f"supcon imagefolder v{FORMAT_VERSION}", str(root), f"image_size={image_size}"]
-    lines += [f"{rel}\t{size}\t{mtime}" for per_class in (*train, *test) for _, rel, size, mtime in per_class]
+    lines += [f"{rel}\t{size}\t{mtime}\t{y}" for (_, rel, size, mtime), y in zip(files, labels, strict=True)]
     key = hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()[:32]
     # The folder's own hash first, so a newer cache of the same folder can replace older ones.
     folder_hash = hashlib.sha256(str(root).encode("utf-8", "surrogateescape")).hexdigest()[:16]

@@ -23,6 +23,7 @@ from supcon import dist
 from supcon.config import PhaseConfig
 from supcon.errors import UsageError
 from supcon.optim import build_optimizer, build_scheduler, scale_lr
+from supcon.prefetch import Batch, Prefetch, Prepare
 from supcon.rundir import Run
 from supcon.stop import Interrupted
 from supcon.streams import Streams, restore_streams
@@ -38,7 +39,7 @@ class StepOut(NamedTuple):
     correct: torch.Tensor | None = None  # correct predictions in this rank's share
 
 
-Step = Callable[[torch.Tensor, int, torch.Generator], StepOut]
+Step = Callable[[Batch, int, torch.Generator], StepOut]
 
 
 @dataclass
@@ -47,9 +48,10 @@ class Phase:
     cfg: PhaseConfig
     module: nn.Module  # what is checkpointed and switched to train mode
     params: list[nn.Parameter]
-    step: Step  # step(local indices, global batch size, augmentation generator)
+    step: Step  # step(this rank's batch, global batch size, augmentation generator)
     n_train: int
     on_epoch_end: Callable[[int], dict] | None = None  # evaluation for the epoch record (rank 0)
+    prepare: Prepare | None = None  # reads a batch's images ahead, in the background (stored data)
 
 
 class Diverged(UsageError):
@@ -83,6 +85,7 @@ class _Totals:
     correct: torch.Tensor
     seen: int = 0
     classifies: bool = False  # the steps count correct predictions (a training accuracy exists)
+    data_wait: float | None = None  # seconds the steps waited for prefetched batches
 
 
 def _optimization(phase: Phase, steps_per_epoch: int):
@@ -132,40 +135,58 @@ def fit(phase: Phase, run: Run) -> list[dict]:
 def _run_epoch(phase: Phase, run: Run, perm, state: _State, parts, g_state) -> _Totals:
     opt, sched, scaler, streams = parts
     pc, rt = phase.cfg, run.rt
-    world, rank = dist.world_size(), dist.rank()
     steps = math.ceil(phase.n_train / pc.batch_size)
     phase.module.train()
+    feed = _prefetch(phase, run, perm, state.epoch, steps)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
         perm = perm.to(rt.device)
     totals = _Totals(torch.zeros((), device=rt.device), torch.zeros((), device=rt.device, dtype=torch.long))
     bar = _progress(run, phase, state, steps)
-    for s in bar:
-        idx = perm[s * pc.batch_size : (s + 1) * pc.batch_size]
-        # Each rank takes a contiguous share of the global batch.
-        local = idx.tensor_split(world)[rank] if world > 1 else idx
-        out = phase.step(local, len(idx), streams.augment)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(out.backward).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        totals.loss += out.loss.detach() * len(local)
-        if out.correct is not None:
-            totals.correct += out.correct
-            totals.classifies = True
-        totals.seen += len(local)
-        if s % CHECK_EVERY == 0:
-            _check_running_loss(phase, run, state, totals, s, bar, sched)
-        if _stop_now(run, s, steps):
-            if s + 1 < steps:
-                _check_running_loss(phase, run, state, totals, s, None, sched)
-                raise Interrupted(
-                    _save(phase, run, _State(state.epoch, s + 1, state.history), parts, g_state)
-                )
-            break
+    try:
+        for s in bar:
+            idx, local = _batch(perm, s, pc.batch_size)
+            batch = Batch(local, feed.take(s) if feed is not None else None)
+            out = phase.step(batch, len(idx), streams.augment)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(out.backward).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            totals.loss += out.loss.detach() * len(local)
+            if out.correct is not None:
+                totals.correct += out.correct
+                totals.classifies = True
+            totals.seen += len(local)
+            if s % CHECK_EVERY == 0:
+                _check_running_loss(phase, run, state, totals, s, bar, sched)
+            if _stop_now(run, s, steps):
+                if s + 1 < steps:
+                    _check_running_loss(phase, run, state, totals, s, None, sched)
+                    raise Interrupted(
+                        _save(phase, run, _State(state.epoch, s + 1, state.history), parts, g_state)
+                    )
+                break
+    finally:
+        if feed is not None:
+            feed.close()
+            totals.data_wait = feed.wait_seconds
     bar.close()
     return totals
+
+
+def _batch(perm: torch.Tensor, s: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``s``'s global batch and this rank's contiguous share of it."""
+    idx = perm[s * batch_size : (s + 1) * batch_size]
+    world = dist.world_size()
+    return idx, (idx.tensor_split(world)[dist.rank()] if world > 1 else idx)
+
+
+def _prefetch(phase: Phase, run: Run, perm: torch.Tensor, epoch: int, steps: int) -> Prefetch | None:
+    if phase.prepare is None:
+        return None
+    seed = (run.cfg.seed, PHASE_IDS[phase.name], epoch, dist.rank())
+    return Prefetch(phase.prepare, lambda s: _batch(perm, s, phase.cfg.batch_size)[1], seed, steps)
 
 
 def _progress(run: Run, phase: Phase, state: _State, steps: int):
@@ -237,6 +258,8 @@ def _epoch_record(phase: Phase, run: Run, totals: _Totals, sched, seconds: float
         record["train_acc"] = round(correct / n, 6)
     record["lr"] = sched.get_last_lr()[0]
     record["seconds"] = round(seconds, 3)
+    if totals.data_wait is not None:
+        record["data_wait_seconds"] = round(totals.data_wait, 3)
     if rt.device.type == "cuda":
         record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 3)
     if phase.on_epoch_end is not None and dist.is_main():

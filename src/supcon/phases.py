@@ -20,9 +20,11 @@ from supcon import dist
 from supcon.augment import AugmentConfig, BatchAugment, save_view_grid
 from supcon.datasets import ImageDataset, Normalize, Split
 from supcon.evaluate import accuracy, encoder_knn, extract_features, predict
+from supcon.imageset import StoredImages
 from supcon.loop import Phase, StepOut, ddp_global, ddp_share, fit
 from supcon.loss import supcon_loss
 from supcon.models import Classifier, ContrastiveModel, build_classifier, build_contrastive, to_device
+from supcon.prefetch import Batch
 from supcon.rundir import Run
 from supcon.runtime import Runtime
 
@@ -31,17 +33,30 @@ from supcon.runtime import Runtime
 _ON_GPU_SHARE = 0.25
 
 
-def build_augment(kind: str, norm: Normalize | None) -> BatchAugment | None:
+def build_augment(kind: str, norm: Normalize | None, crop: bool = True) -> BatchAugment | None:
     """The training-time augmentation of a phase; None = none (plain images).
 
     "supcon" is the paper's pipeline (crop, flip, colour jitter, grayscale); "crop-flip" the lighter
     one used for cross-entropy baselines and linear probes. Normalisation follows the run's data.
+    ``crop=False``: the images come cropped already (stored images, cropped at their own aspect).
     """
     if kind == "none":
         return None
     stats = {"normalize": False} if norm is None else {"normalize": True, "mean": norm.mean, "std": norm.std}
     extra = {"jitter_p": 0.0, "grayscale_p": 0.0} if kind == "crop-flip" else {}
-    return BatchAugment(AugmentConfig(mode="supcon", **stats, **extra))
+    return BatchAugment(AugmentConfig(mode="supcon", crop=crop, **stats, **extra))
+
+
+def _feed(train_x, kind: str, norm: Normalize | None, views: int = 1):
+    """A phase's augmentation and, for stored images, the ``prepare`` that reads and crops its batches
+    ahead in the background (see :mod:`supcon.prefetch`)."""
+    if not isinstance(train_x, StoredImages):
+        return build_augment(kind, norm), None
+    augment = build_augment(kind, norm, crop=False)
+    if augment is None:
+        return None, lambda idx, rng: train_x[idx]
+    scale, ratio = augment.config.crop_scale, augment.config.crop_ratio
+    return augment, lambda idx, rng: train_x.random_crops(idx, rng, views, scale, ratio)
 
 
 def wrap_ddp(model: nn.Module, run: Run) -> nn.Module:
@@ -64,7 +79,7 @@ def wrap_ddp(model: nn.Module, run: Run) -> nn.Module:
 def training_data(split: Split, rt: Runtime) -> Split:
     """The training split where the steps index it: on the GPU when it fits comfortably (no host
     copy per step), else where it is."""
-    if rt.device.type != "cuda":
+    if rt.device.type != "cuda" or not isinstance(split.train_x, torch.Tensor):
         return split
     free, _ = torch.cuda.mem_get_info(rt.device)
     if split.train_x.numel() > _ON_GPU_SHARE * free:
@@ -72,10 +87,13 @@ def training_data(split: Split, rt: Runtime) -> Split:
     return Split(split.train_x.to(rt.device), split.train_y.to(rt.device), split.val_x, split.val_y)
 
 
-def _inputs(x_uint8: torch.Tensor, augment: BatchAugment | None, rt: Runtime, norm, g, views: int = 1):
-    """A training batch on the device: augmented views (view-major) or the plain images."""
+def _inputs(train_x, b: Batch, augment: BatchAugment | None, rt: Runtime, norm, g, views: int = 1):
+    """A training batch on the device: augmented views (view-major) or the plain images. Its uint8
+    images come prefetched (``b.x``: stored images, views already cropped) or are indexed here."""
+    x_uint8 = b.x if b.x is not None else train_x[b.idx]
     if augment is not None:
-        return augment(x_uint8.to(rt.device, non_blocking=True), views=views, generator=g)
+        v = 1 if b.x is not None else views
+        return augment(x_uint8.to(rt.device, non_blocking=True), views=v, generator=g)
     x = rt.images(x_uint8, norm)
     return x.repeat(views, 1, 1, 1) if views > 1 else x
 
@@ -96,22 +114,20 @@ def _train_classifier(name: str, model: Classifier, run: Run, data: ImageDataset
     """Encoder and classifier trained together with cross-entropy (experiment 1, fine-tuning)."""
     pc, rt = getattr(run.cfg, name), run.rt
     net = wrap_ddp(model, run)
-    augment = build_augment(pc.augment, data.norm)
+    augment, prepare = _feed(split.train_x, pc.augment, data.norm)
     train = training_data(split, rt)
 
-    def step(idx, n_global, g):
-        x = _inputs(train.train_x[idx], augment, rt, data.norm, g)
-        y = train.train_y[idx].to(rt.device, non_blocking=True)
+    def step(b, n_global, g):
+        x = _inputs(train.train_x, b, augment, rt, data.norm, g)
+        y = train.train_y[b.idx].to(rt.device, non_blocking=True)
         with rt.autocast():
             logits = net(x)
         loss = _ce(logits, y)
-        return StepOut(loss, ddp_share(loss, len(idx), n_global), (logits.argmax(1) == y).sum())
+        return StepOut(loss, ddp_share(loss, len(b.idx), n_global), (logits.argmax(1) == y).sum())
 
     params = list(model.parameters())
-    fit(
-        Phase(name, pc, model, params, step, len(split.train_y), lambda e: _val_acc(model, split, data, rt)),
-        run,
-    )
+    on_epoch_end = lambda e: _val_acc(model, split, data, rt)  # noqa: E731
+    fit(Phase(name, pc, model, params, step, len(split.train_y), on_epoch_end, prepare), run)
     return model
 
 
@@ -126,21 +142,21 @@ def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
     pc = cfg.pretrain
     model = to_device(build_contrastive(cfg, data), rt)
     net = wrap_ddp(model, run)
-    augment = build_augment(pc.augment, data.norm)
     views = pc.views
-    if augment is not None and dist.is_main():
+    augment, prepare = _feed(split.train_x, pc.augment, data.norm, views)
+    if augment is not None and prepare is None and dist.is_main():
         # A look at what the encoder is trained on: originals and their augmented views.
         pick = torch.randperm(len(split.train_y), generator=torch.Generator().manual_seed(cfg.seed))[:8]
         save_view_grid(split.train_x[pick], run.dir / "views.png", views=max(views, 4), augment=augment)
     use_labels = cfg.loss.method == "supcon"
     train = training_data(split, rt)
 
-    def step(idx, n_global, g):
-        x = _inputs(train.train_x[idx], augment, rt, data.norm, g, views)  # [V*B, C, H, W], view-major
+    def step(b, n_global, g):
+        x = _inputs(train.train_x, b, augment, rt, data.norm, g, views)  # [V*B, C, H, W], view-major
         with rt.autocast():
             z = net(x)
-        z = z.float().view(views, len(idx), z.shape[-1]).transpose(0, 1)  # [B, V, D]; B may be 0
-        labels = train.train_y[idx].to(rt.device, non_blocking=True) if use_labels else None
+        z = z.float().view(views, len(b.idx), z.shape[-1]).transpose(0, 1)  # [B, V, D]; B may be 0
+        labels = train.train_y[b.idx].to(rt.device, non_blocking=True) if use_labels else None
         loss = supcon_loss(
             z,
             labels,
@@ -162,7 +178,8 @@ def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
         )
         return {key: round(acc, 6)}
 
-    fit(Phase("pretrain", pc, model, list(model.parameters()), step, len(split.train_y), monitor), run)
+    params = list(model.parameters())
+    fit(Phase("pretrain", pc, model, params, step, len(split.train_y), monitor, prepare), run)
     return model
 
 
@@ -187,7 +204,7 @@ def _train_probe(run: Run, data: ImageDataset, split: Split, encoder: nn.Module)
     features every epoch, so they are computed once and the head trains on them: the same
     optimisation, far cheaper."""
     rt, pc = run.rt, run.cfg.linear
-    augment = build_augment(pc.augment, data.norm)
+    augment, prepare = _feed(split.train_x, pc.augment, data.norm)
     model = build_classifier(run.cfg, data, encoder)
     encoder = to_device(encoder, rt).eval()
     encoder.requires_grad_(False)
@@ -198,21 +215,26 @@ def _train_probe(run: Run, data: ImageDataset, split: Split, encoder: nn.Module)
     feats = extract_features(encoder, split.train_x, rt, data.norm) if augment is None else None
     feature_seconds = time.perf_counter() - t0
 
-    def step(idx, n_global, g):
-        y = train.train_y[idx].to(rt.device, non_blocking=True)
+    def step(b, n_global, g):
+        y = train.train_y[b.idx].to(rt.device, non_blocking=True)
         if feats is not None:
-            f = feats[idx.to(feats.device)]
+            f = feats[b.idx.to(feats.device)]
         else:
             with torch.no_grad(), rt.autocast():
-                f = encoder(_inputs(train.train_x[idx], augment, rt, data.norm, g)).float()
+                f = encoder(_inputs(train.train_x, b, augment, rt, data.norm, g)).float()
         logits = head_net(f)
         loss = _ce(logits, y)
-        return StepOut(loss, ddp_share(loss, len(idx), n_global), (logits.argmax(1) == y).sum())
+        return StepOut(loss, ddp_share(loss, len(b.idx), n_global), (logits.argmax(1) == y).sum())
 
     def on_epoch_end(epoch):
         out = {"feature_seconds": round(feature_seconds, 3)} if epoch == 1 and feats is not None else {}
         return out | _val_acc(model, split, data, rt)
 
     # The head alone is what is checkpointed and switched to train mode; the encoder stays in eval.
-    fit(Phase("linear", pc, head, list(head.parameters()), step, len(split.train_y), on_epoch_end), run)
+    # Features computed once need no images read per step.
+    prepare = prepare if feats is None else None
+    fit(
+        Phase("linear", pc, head, list(head.parameters()), step, len(split.train_y), on_epoch_end, prepare),
+        run,
+    )
     return model
