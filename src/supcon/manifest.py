@@ -2,8 +2,9 @@
 
 - ``PATH/train/<class>/*`` and ``PATH/test/<class>/*``: the splits as given.
 - ``PATH/<class>/*``: split into train and test by a seeded stratified split (``test_fraction``).
-- ``FILE.csv`` with a header ``path,label[,split]``: paths relative to the CSV file; rows without
-  a ``split`` (or a file without that column) go through the same stratified split.
+- ``FILE.csv`` with a header ``path,label[,split]``: paths relative to the CSV file; a split of
+  ``train`` or ``test`` per row (an empty one trains), or, when no row gives one, the same
+  stratified split.
 
 Label ``i`` is ``classes[i]``, the sorted class names. Each file carries its size and modification
 time, which key the decode caches: an added, removed or rewritten image means a fresh decode.
@@ -73,10 +74,13 @@ def read_manifest(path: str | os.PathLike[str], test_fraction: float = 0.2) -> M
 
 
 def _split(root, classes, files, labels, given, test_fraction: float) -> Manifest:
-    """Files with a given split keep it; the others are split per class, ``test_fraction`` to test."""
+    """Files with a given split keep it (and then files without one train); with no split given at
+    all, each class sends ``test_fraction`` of its files (at least one) to test."""
     labels = np.asarray(labels, dtype=np.int64)
     is_test = np.array([g == "test" for g in given], dtype=bool)
     free = np.array([g is None for g in given], dtype=bool)
+    if not free.all():
+        free[:] = False
     rng = np.random.default_rng(SPLIT_SEED)
     for c in range(len(classes)):
         idx = np.flatnonzero(free & (labels == c))
