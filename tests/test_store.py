@@ -287,8 +287,8 @@ def test_a_run_on_the_store_stopped_mid_epoch_resumes_bit_identically(tmp_path, 
         cfg = load_preset("keras-example")
         set_values(cfg, {
             "data.dataset": "imagefolder", "data.path": str(root), "data.image_size": 16,
-            "data.store": "disk", "model.encoder": "resnet18", "model.width": 4, "ce.epochs": 2, "ce.batch_size": 4,
-            "ce.augment": "crop-flip", "tune_cpu": False,
+            "data.store": "disk", "model.encoder": "resnet18", "model.width": 4, "ce.epochs": 2,
+            "ce.batch_size": 4, "ce.augment": "crop-flip", "tune_cpu": False,
         })  # fmt: skip
         return cfg
 
