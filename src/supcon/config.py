@@ -28,6 +28,7 @@ ClassifierKind = Literal["dropout-dense", "linear"]
 Method = Literal["supcon", "simclr"]
 Variant = Literal["out", "in", "npairs"]
 Schedule = Literal["constant", "cosine", "step"]
+Sampler = Literal["uniform", "class-balanced", "sqrt"]
 
 
 def choices(tp: Any) -> tuple[str, ...]:
@@ -47,6 +48,10 @@ class DataConfig:
     image_size: int | None = _num(None, ge=1)  # resize (image folders) / scale (digits)
     val_fraction: float = _num(0.0, ge=0, lt=1)  # carved from train; the test set is touched once
     normalize: bool = False  # standardise inputs with the training set's per-channel mean/std
+    # Long-tailed training set (supcon.longtail): max/min class count of the exponential profile;
+    # None = as loaded (cifar10-lt / cifar100-lt: 100).
+    imbalance: float | None = _num(None, ge=1)
+    sampler: Sampler = "uniform"  # epoch order: a shuffle, or classes drawn equally / by sqrt(count)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from supcon.loss import supcon_loss
 from supcon.models import Classifier, ContrastiveModel, build_classifier, build_contrastive, to_device
 from supcon.rundir import Run
 from supcon.runtime import Runtime
+from supcon.sampler import order_fn
 
 # Keep the uint8 training set on the GPU when it takes at most this share of the free memory: batches
 # are then indexed there, with no host copy per step.
@@ -108,10 +109,9 @@ def _train_classifier(name: str, model: Classifier, run: Run, data: ImageDataset
         return StepOut(loss, ddp_share(loss, len(idx), n_global), (logits.argmax(1) == y).sum())
 
     params = list(model.parameters())
-    fit(
-        Phase(name, pc, model, params, step, len(split.train_y), lambda e: _val_acc(model, split, data, rt)),
-        run,
-    )
+    order = order_fn(split.train_y, run.cfg.data.sampler)
+    val_acc = lambda e: _val_acc(model, split, data, rt)  # noqa: E731
+    fit(Phase(name, pc, model, params, step, len(split.train_y), val_acc, order), run)
     return model
 
 
@@ -162,7 +162,8 @@ def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
         )
         return {key: round(acc, 6)}
 
-    fit(Phase("pretrain", pc, model, list(model.parameters()), step, len(split.train_y), monitor), run)
+    order = order_fn(split.train_y, cfg.data.sampler)
+    fit(Phase("pretrain", pc, model, list(model.parameters()), step, len(split.train_y), monitor, order), run)
     return model
 
 
@@ -214,5 +215,7 @@ def _train_probe(run: Run, data: ImageDataset, split: Split, encoder: nn.Module)
         return out | _val_acc(model, split, data, rt)
 
     # The head alone is what is checkpointed and switched to train mode; the encoder stays in eval.
-    fit(Phase("linear", pc, head, list(head.parameters()), step, len(split.train_y), on_epoch_end), run)
+    order = order_fn(split.train_y, run.cfg.data.sampler)
+    params = list(head.parameters())
+    fit(Phase("linear", pc, head, params, step, len(split.train_y), on_epoch_end, order), run)
     return model
