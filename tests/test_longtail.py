@@ -163,6 +163,23 @@ def test_digits_with_imbalance_and_a_validation_split():
     assert torch.equal(data.test_y, full.test_y)
 
 
+def test_an_image_folder_takes_the_same_profile(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("SUPCON_DATA", str(tmp_path / "cache"))  # the decode cache
+    root = tmp_path / "pets"
+    for split, n in (("train", 8), ("test", 2)):
+        for c, name in enumerate(["cat", "dog", "owl"]):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (4, 4), (10 * c, i, 0)).save(root / split / name / f"{i}.png")
+    data, _ = load_split(DataConfig(dataset=None, path=str(root), imbalance=4), 0, False)
+    assert class_counts(data.train_y, 3) == [8, 4, 2] and data.name == "pets-lt"
+    assert class_counts(data.test_y, 3) == [2, 2, 2]
+    # Each kept image is one of its class's own (red encodes the class).
+    assert torch.equal(data.train_x[:, 0, 0, 0].long(), 10 * data.train_y)
+
+
 @pytest.mark.slow
 def test_results_rows_carry_group_accuracy(tmp_path):
     import supcon
