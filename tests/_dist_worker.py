@@ -164,3 +164,70 @@ def run(rank: int, port: int, outdir: str) -> None:
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- data order (test_sampler.py)
+
+SAMPLER_COUNTS = (30, 7, 3)  # a long-tailed toy training set: 40 images, three classes
+
+
+def sampler_labels() -> torch.Tensor:
+    """Labels [40] of the toy training set, classes interleaved."""
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(SAMPLER_COUNTS)])
+    return y[torch.randperm(len(y), generator=torch.Generator().manual_seed(3))]
+
+
+def sampler_config(kind: str, epochs: int = 2, batch_size: int = 8):
+    from supcon.config import Config
+
+    cfg = Config(device="cpu", precision="fp32", seed=4)
+    cfg.data.sampler = kind
+    cfg.ce.epochs, cfg.ce.batch_size, cfg.ce.lr = epochs, batch_size, 0.01
+    return cfg
+
+
+def recording_phase(run, labels: torch.Tensor, seen: list, stop_at: int | None = None):
+    """A ``ce`` phase over ``labels`` whose step records this rank's indices (and asks to stop after
+    ``stop_at`` steps); its loss depends on the indices, so the weights do too."""
+    from supcon.loop import Phase, StepOut, ddp_share
+    from supcon.sampler import order_fn
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 3)
+    x = torch.randn(len(labels), 2, generator=torch.Generator().manual_seed(1))
+
+    def step(b, n_global, g):
+        idx = b.idx
+        seen.append(idx.clone())
+        if stop_at is not None and len(seen) == stop_at:
+            run.stop.requested = True
+        loss = (
+            torch.nn.functional.cross_entropy(model(x[idx]), labels[idx])
+            if len(idx)
+            else model.bias.sum() * 0
+        )
+        return StepOut(loss.detach(), ddp_share(loss, len(idx), n_global))
+
+    order = order_fn(labels, run.cfg.data.sampler)
+    return Phase("ce", run.cfg.ce, model, list(model.parameters()), step, len(labels), None, order)
+
+
+def sampler_run(rank: int, port: int, outdir: str) -> None:
+    """Both ranks train the recording phase with class-balanced order; each saves the indices it saw."""
+    from pathlib import Path
+
+    from launch import join_local_group
+
+    join_local_group(rank, port, WORLD)
+    from supcon.loop import fit
+    from supcon.rundir import open_run
+
+    run = open_run(sampler_config("class-balanced"), Path(outdir) / "run", progress=False)
+    seen: list = []
+    try:
+        fit(recording_phase(run, sampler_labels(), seen), run)
+    finally:
+        run.close()
+    torch.save(seen, os.path.join(outdir, f"sampler-rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()

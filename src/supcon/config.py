@@ -29,6 +29,7 @@ Method = Literal["supcon", "simclr"]
 Variant = Literal["out", "in", "npairs"]
 Schedule = Literal["constant", "cosine", "step"]
 ImageStore = Literal["auto", "memory", "disk"]
+Sampler = Literal["uniform", "class-balanced", "sqrt"]
 
 
 def choices(tp: Any) -> tuple[str, ...]:
@@ -52,6 +53,10 @@ class DataConfig:
     # aspect ratio; datasets larger than memory); auto = the store from 64 px on.
     store: ImageStore = "auto"
     test_fraction: float = _num(0.2, gt=0, lt=1)  # test share of image data given without a split
+    # Long-tailed training set (supcon.longtail): max/min class count of the exponential profile;
+    # None = as loaded (cifar10-lt / cifar100-lt: 100).
+    imbalance: float | None = _num(None, ge=1)
+    sampler: Sampler = "uniform"  # epoch order: a shuffle, or classes drawn equally / by sqrt(count)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 
 from supcon.errors import UsageError
 from supcon.imageset import take
+from supcon.longtail import long_tailed
 from supcon.registry import DATASETS, register_dataset
 
 
@@ -121,6 +122,19 @@ def load_cifar10(path: str | None = None, progress: bool = True, **_) -> ImageDa
 def load_cifar100(path: str | None = None, progress: bool = True, **_) -> ImageDataset:
     """CIFAR-100 (fine labels), official python-format archive: downloaded or an extracted copy."""
     return _cifar("cifar100", path, progress)
+
+
+@register_dataset("cifar10-lt")
+def load_cifar10_lt(imbalance: float | None = None, **kwargs) -> ImageDataset:
+    """CIFAR-10-LT (Cao et al. 2019): CIFAR-10's training set cut to the exponential profile, max/min =
+    ``imbalance`` (default 100); the test set stays balanced. See :mod:`supcon.longtail`."""
+    return long_tailed(DATASETS.get("cifar10")(**kwargs), imbalance, "cifar10-lt")
+
+
+@register_dataset("cifar100-lt")
+def load_cifar100_lt(imbalance: float | None = None, **kwargs) -> ImageDataset:
+    """CIFAR-100-LT: as CIFAR-10-LT, over CIFAR-100's 100 classes."""
+    return long_tailed(DATASETS.get("cifar100")(**kwargs), imbalance, "cifar100-lt")
 
 
 @register_dataset("imagefolder")
@@ -268,8 +282,10 @@ def load_split(data_cfg, seed: int, progress: bool = True) -> tuple[ImageDataset
     with dist.local_main_first():
         data = load_dataset(
             d.dataset, d.path, image_size=d.image_size, seed=seed, progress=progress, store=d.store,
-            test_fraction=d.test_fraction,
+            test_fraction=d.test_fraction, imbalance=d.imbalance,
         )  # fmt: skip
+    if d.imbalance is not None and d.dataset not in ("cifar10-lt", "cifar100-lt"):  # those cut their own
+        data = long_tailed(data, d.imbalance)
     split = Split(*split_validation(data.train_x, data.train_y, d.val_fraction, seed))
     if d.normalize:
         data.norm = channel_stats(split.train_x)

@@ -21,6 +21,7 @@ from supcon.config import PHASES, Config, load_preset, set_values
 from supcon.datasets import ImageDataset, Split, load_split
 from supcon.errors import UsageError
 from supcon.evaluate import accuracy, encoder_knn, extract_features, predict
+from supcon.longtail import group_report
 from supcon.loop import Diverged
 from supcon.models import load_phase_model
 from supcon.phases import pretrain, train_ce, train_linear
@@ -56,14 +57,17 @@ def _classifier_name(cfg: Config) -> str:
 
 def _row(run: Run, name: str, model, data: ImageDataset, phases: list[str], test_acc=None) -> dict:
     seconds = {p: [m["seconds"] for m in read_metrics(run.dir) if m["phase"] == p] for p in phases}
+    pred = None
     if test_acc is None and dist.is_main():
-        test_acc = accuracy(predict(model, data.test_x, run.rt, data.norm), data.test_y)
+        pred = predict(model, data.test_x, run.rt, data.norm)
+        test_acc = accuracy(pred, data.test_y)
     return {
         "experiment": name,
         "test_acc": test_acc,
         "train_seconds": sum(sum(s) for s in seconds.values()),
         "phases": phases,
         "epoch_seconds": [sum(s) / max(1, len(s)) for s in seconds.values()],
+        **group_report(pred, data, run.cfg.data.imbalance),  # long-tailed data: many/medium/few
     }
 
 

@@ -51,6 +51,8 @@ class Phase:
     step: Step  # step(this rank's batch, global batch size, augmentation generator)
     n_train: int
     on_epoch_end: Callable[[int], dict] | None = None  # evaluation for the epoch record (rank 0)
+    # An epoch's indices [n_train] from the data-order generator (supcon.sampler); None: a shuffle.
+    order: Callable[[torch.Generator], torch.Tensor] | None = None
     prepare: Prepare | None = None  # reads a batch's images ahead, in the background (stored data)
 
 
@@ -116,7 +118,8 @@ def fit(phase: Phase, run: Run) -> list[dict]:
     parts = (opt, sched, scaler, streams)
     while state.epoch < pc.epochs:
         g_state = streams.data.get_state()  # the permutation is redrawn from it on a mid-epoch resume
-        perm = torch.randperm(phase.n_train, generator=streams.data)
+        g = streams.data
+        perm = phase.order(g) if phase.order else torch.randperm(phase.n_train, generator=g)
         t0 = time.perf_counter()
         totals = _run_epoch(phase, run, perm, state, parts, g_state)
         record = _epoch_record(phase, run, totals, sched, time.perf_counter() - t0, state)

@@ -27,6 +27,7 @@ from supcon.models import Classifier, ContrastiveModel, build_classifier, build_
 from supcon.prefetch import Batch
 from supcon.rundir import Run
 from supcon.runtime import Runtime
+from supcon.sampler import order_fn
 
 # Keep the uint8 training set on the GPU when it takes at most this share of the free memory: batches
 # are then indexed there, with no host copy per step.
@@ -126,8 +127,9 @@ def _train_classifier(name: str, model: Classifier, run: Run, data: ImageDataset
         return StepOut(loss, ddp_share(loss, len(b.idx), n_global), (logits.argmax(1) == y).sum())
 
     params = list(model.parameters())
-    on_epoch_end = lambda e: _val_acc(model, split, data, rt)  # noqa: E731
-    fit(Phase(name, pc, model, params, step, len(split.train_y), on_epoch_end, prepare), run)
+    order = order_fn(split.train_y, run.cfg.data.sampler)
+    val_acc = lambda e: _val_acc(model, split, data, rt)  # noqa: E731
+    fit(Phase(name, pc, model, params, step, len(split.train_y), val_acc, order=order, prepare=prepare), run)
     return model
 
 
@@ -178,8 +180,8 @@ def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
         )
         return {key: round(acc, 6)}
 
-    params = list(model.parameters())
-    fit(Phase("pretrain", pc, model, params, step, len(split.train_y), monitor, prepare), run)
+    params, order = list(model.parameters()), order_fn(split.train_y, cfg.data.sampler)
+    fit(Phase("pretrain", pc, model, params, step, len(split.train_y), monitor, order, prepare), run)
     return model
 
 
@@ -233,8 +235,7 @@ def _train_probe(run: Run, data: ImageDataset, split: Split, encoder: nn.Module)
     # The head alone is what is checkpointed and switched to train mode; the encoder stays in eval.
     # Features computed once need no images read per step.
     prepare = prepare if feats is None else None
-    fit(
-        Phase("linear", pc, head, list(head.parameters()), step, len(split.train_y), on_epoch_end, prepare),
-        run,
-    )
+    order = order_fn(split.train_y, run.cfg.data.sampler)
+    params = list(head.parameters())
+    fit(Phase("linear", pc, head, params, step, len(split.train_y), on_epoch_end, order, prepare), run)
     return model
