@@ -888,3 +888,19 @@ def test_simclr_keys_are_negatives_moco_style():
     for variant in ("out", "in"):
         got = supcon_loss(features, None, temperature=0.07, variant=variant, keys=keys)
         assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", KEY_MODES)
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_keys_and_multilabel_do_not_wait_for_the_device(mode, chunk):
+    from sync_counter import SyncCounter
+
+    gen = torch.Generator().manual_seed(78)
+    features, labels, keys, key_labels, multilabel = make_key_case(mode, 2, gen)
+    features = features.float().requires_grad_(True)
+    kw = {"keys": keys.float(), "key_labels": key_labels, "multilabel": multilabel, "chunk_size": chunk}
+    for variant in VARIANTS:
+        supcon_loss(features, labels, variant=variant, **kw).backward()  # warm-up
+        with SyncCounter() as c:
+            supcon_loss(features, labels, variant=variant, **kw).backward()
+        assert c.total == 0, (variant, c.counts)

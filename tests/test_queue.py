@@ -166,3 +166,15 @@ def test_two_ranks_hold_identical_queues(tmp_path):
                 assert torch.equal(got["features"], want["features"])
                 assert torch.equal(got["labels"], want["labels"])
         assert single.filled == 5  # the steps wrapped the ring
+
+
+def test_enqueue_and_keys_do_not_wait_for_the_device():
+    from sync_counter import SyncCounter
+
+    queue = LabelQueue(6, 3, classes=2)
+    queue.enqueue(torch.randn(4, 3), torch.ones(4, 2))  # warm-up
+    with SyncCounter() as c:
+        queue.enqueue(torch.randn(4, 3), torch.ones(4, 2))
+        queue.keys()
+    assert c.total == 0, c.counts
+    assert queue.filled == 6 and queue.ptr == 2

@@ -268,6 +268,14 @@ def _key_grad(grad_s: torch.Tensor, rhs: torch.Tensor, k: torch.Tensor, pairs: _
     return dk
 
 
+def _weight_sums(pairs: _Pairs, m: int, chunk: int | None) -> torch.Tensor:
+    """``sum_j w_ij`` of every anchor, a tile of ``chunk`` anchor rows at a time."""
+    if m == 0:
+        return pairs.k_hot.new_zeros(0)
+    step = chunk or m
+    return torch.cat([pairs.weights(r0, min(m, r0 + step)).sum(dim=1) for r0 in range(0, m, step)])
+
+
 class _WeightedPositives(torch.autograd.Function):
     """Multi-label positives: per anchor ``sum_j w_ij`` and ``sum_j w_ij s_ij = q_i . sum_j w_ij k_j``.
 
@@ -698,9 +706,11 @@ def _positive_stats(
                 row_offset, variant != "npairs", q_hot=q_hot, k_hot=k_labels, rule=multilabel,
                 n_grad=keys.shape[0] - n_extra,
             )  # fmt: skip
-            count, pos_dot = _WeightedPositives.apply(q, keys, pairs, chunk)
             # The weights leave the self pair out: self_in = 0.
-            return count, (None if variant == "in" else pos_dot), pairs, 0.0
+            if variant == "in":  # only the weights' sums: the positive term is a log-sum-exp
+                return _weight_sums(pairs, q.shape[0], chunk), None, pairs, 0.0
+            count, pos_dot = _WeightedPositives.apply(q, keys, pairs, chunk)
+            return count, pos_dot, pairs, 0.0
         # The class of a key: the rank of its label, as torch.unique numbers them; at most n classes.
         return _class_stats(q, keys, _class_index(k_labels), keys.shape[0], row_offset, variant)
     # Sample index of every key row in the global order: rank by rank, view-major in a rank.
