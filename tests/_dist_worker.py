@@ -125,6 +125,7 @@ def run(rank: int, port: int, outdir: str) -> None:
         loss = supcon_loss(given, labels, variant=case.variant, chunk_size=case.chunk, gather=True)
         loss.backward()
         results["cases"][case.id] = (loss.detach(), grad())
+    run_key_cases(rank, results)
 
     # Host waits of one gathered step (strict mode off: its checks read on the host too).
     sdist.set_strict(None)
@@ -229,5 +230,110 @@ def sampler_run(rank: int, port: int, outdir: str) -> None:
     finally:
         run.close()
     torch.save(seen, os.path.join(outdir, f"sampler-rank{rank}.pt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Extra keys under gather (test_loss_dist.py) and the label queue (test_queue.py).
+
+
+@dataclass(frozen=True)
+class KeyCase:
+    variant: str
+    mode: str  # "labels", "simclr", or a multilabel rule ("jaccard", "any")
+    sizes: tuple[int, int]
+    chunk: int | None
+    n_keys: int = 6
+
+    @property
+    def id(self) -> str:
+        sizes = f"{self.sizes[0]}+{self.sizes[1]}"
+        return f"keys-{self.variant}-{self.mode}-{sizes}-chunk{self.chunk}-m{self.n_keys}"
+
+
+def key_cases() -> list[KeyCase]:
+    out = [
+        KeyCase(variant, mode, sizes, chunk)
+        for variant in ("out", "in", "npairs")
+        for mode in ("labels", "simclr", "jaccard", "any")
+        for sizes, chunk in (((4, 5), None), ((3, 6), 4))
+    ]
+    out += [KeyCase("out", "labels", (0, 5), None), KeyCase("in", "jaccard", (5, 0), 2, n_keys=0)]
+    return out
+
+
+def key_case_data(index: int, case: KeyCase):
+    """(features [B, 2, 8], labels, keys [M, 8], key_labels, multilabel) of the full batch."""
+    gen = torch.Generator().manual_seed(2000 + index)
+    batch = sum(case.sizes)
+    features = torch.randn(batch, 2, 8, generator=gen, dtype=torch.float64)
+    keys = torch.nn.functional.normalize(
+        torch.randn(case.n_keys, 8, generator=gen, dtype=torch.float64), dim=1
+    )
+    if case.mode == "simclr":
+        return features, None, keys, None, None
+    if case.mode == "labels":
+        return (
+            features,
+            torch.randint(0, 4, (batch,), generator=gen),
+            keys,
+            torch.randint(0, 5, (case.n_keys,), generator=gen),
+            None,
+        )
+    hot = torch.rand(batch, 4, generator=gen) < 0.35
+    return features, hot, keys, torch.rand(case.n_keys, 4, generator=gen) < 0.35, case.mode
+
+
+def run_key_cases(rank: int, results: dict) -> None:
+    from supcon.loss import supcon_loss
+
+    results["key_cases"] = {}
+    for index, case in enumerate(key_cases()):
+        features, labels, keys, key_labels, multilabel = key_case_data(index, case)
+        start = sum(case.sizes[:rank])
+        stop = start + case.sizes[rank]
+        leaf = features[start:stop].clone().requires_grad_(True)
+        loss = supcon_loss(
+            leaf,
+            None if labels is None else labels[start:stop],
+            variant=case.variant,
+            chunk_size=case.chunk,
+            gather=True,
+            keys=keys,
+            key_labels=key_labels,
+            multilabel=multilabel,
+        )
+        loss.backward()
+        results["key_cases"][case.id] = (loss.detach(), leaf.grad)
+
+
+# Rows each rank enqueues per step (rank 0, rank 1): uneven, empty, wrapping, and more than the queue.
+QUEUE_STEPS = ((2, 1), (0, 3), (1, 0), (4, 4))
+
+
+def queue_batch(step: int, rank: int, multi: bool):
+    """The features [b, 3] and labels ([b] or [b, 4] multi-hot) rank ``rank`` enqueues at ``step``."""
+    gen = torch.Generator().manual_seed(3000 + 10 * step + rank)
+    b = QUEUE_STEPS[step][rank]
+    labels = torch.rand(b, 4, generator=gen) < 0.5 if multi else torch.randint(0, 9, (b,), generator=gen)
+    return torch.randn(b, 3, generator=gen), labels
+
+
+def run_queue(rank: int, port: int, outdir: str) -> None:
+    from launch import join_local_group
+
+    join_local_group(rank, port, WORLD)
+    from supcon import dist as sdist
+    from supcon.queue import LabelQueue
+
+    sdist.set_strict("cpu")
+    results = {}
+    for multi in (False, True):
+        queue = LabelQueue(5, 3, classes=4 if multi else None)
+        states = []
+        for step in range(len(QUEUE_STEPS)):
+            queue.enqueue(*queue_batch(step, rank, multi))
+            states.append(queue.state_dict())
+        results["multi" if multi else "labels"] = states
+    torch.save(results, os.path.join(outdir, f"queue_rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -22,11 +23,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ---------------------------------------------------------------------------------------------
 
 
-def reference_loss(features, labels=None, temperature=0.1, variant="out", normalize=True):
+def reference_loss(
+    features,
+    labels=None,
+    temperature=0.1,
+    variant="out",
+    normalize=True,
+    keys=None,
+    key_labels=None,
+    multilabel=None,
+):
     """Eq. 2 (L_out), eq. 3 (L_in) and tfa's npairs loss, one anchor at a time, in float64.
 
     ``labels`` is None (SimCLR: positives are the same sample's other views), ``[B]`` class ids or a
-    ``[B, B]`` sample-level positive mask. Anchors without a positive are left out of the mean.
+    ``[B, B]`` sample-level positive mask; with ``multilabel`` ("jaccard" or "any") ``[B, C]`` multi-hot
+    rows, and each positive ``p`` is weighted by ``w_ip``. ``keys`` ``[M, D]`` with ``key_labels`` join
+    every anchor's denominator and, where their label matches, its positives. Anchors without a
+    positive are left out of the mean.
     """
     f = features.double()
     if f.dim() == 2:
@@ -34,39 +47,58 @@ def reference_loss(features, labels=None, temperature=0.1, variant="out", normal
     batch, views, _ = f.shape
     rows = [f[b, v] for v in range(views) for b in range(batch)]
     sample = [b for v in range(views) for b in range(batch)]
+    extra = [] if keys is None else list(keys.double())
     if normalize:
         rows = [r / torch.clamp(r.norm(), min=1e-6) for r in rows]
+        extra = [r / torch.clamp(r.norm(), min=1e-6) for r in extra]
     z = torch.stack(rows)
-    s = z @ z.T / temperature  # s[i, j] = z_i . z_j / tau
-
-    def same(i, j):
-        if labels is None:
-            return sample[i] == sample[j]
-        if labels.dim() == 2:
-            return bool(labels[sample[i], sample[j]])
-        return bool(labels[sample[i]] == labels[sample[j]])
-
     n = len(rows)
+    columns = torch.stack(rows + extra) if extra else z
+    s = z @ columns.T / temperature  # s[i, j] = z_i . c_j / tau, columns: rows then keys
+
+    def overlap(a, b):
+        inter, union = float((a.bool() & b.bool()).sum()), float((a.bool() | b.bool()).sum())
+        if multilabel == "any":
+            return float(inter > 0)
+        return inter / union if union else 0.0
+
+    def weight(i, j):  # w_ij of anchor i and column j (0: not a positive)
+        if j >= n:  # a key
+            if labels is None:
+                return 0.0
+            if multilabel:
+                return overlap(labels[sample[i]], key_labels[j - n])
+            return float(labels[sample[i]] == key_labels[j - n])
+        if multilabel:
+            return overlap(labels[sample[i]], labels[sample[j]])
+        if labels is None:
+            return float(sample[i] == sample[j])
+        if labels.dim() == 2:
+            return float(bool(labels[sample[i], sample[j]]))
+        return float(labels[sample[i]] == labels[sample[j]])
+
     terms = []
     for i in range(n):
+        others = [a for a in range(columns.shape[0]) if a != i]  # A(i)
+        positives = [(p, weight(i, p)) for p in others if weight(i, p) > 0]  # P(i) with weights
         if variant == "npairs":
-            # softmax cross-entropy over all rows (self included), targets uniform on {i} + P(i)
-            targets = [j for j in range(n) if j == i or same(i, j)]
+            # softmax cross-entropy over all columns (self included), targets on {i} + P(i) by weight
+            targets = [(i, 1.0), *positives]
             log_denominator = torch.logsumexp(s[i], dim=0)
-            terms.append(-sum(s[i, j] - log_denominator for j in targets) / len(targets))
+            total = sum(w for _, w in targets)
+            terms.append(-sum(w * (s[i, j] - log_denominator) for j, w in targets) / total)
             continue
-        others = [a for a in range(n) if a != i]  # A(i)
-        positives = [p for p in others if same(i, p)]  # P(i)
         if not positives:
             continue
         log_denominator = torch.logsumexp(s[i, others], dim=0)
+        total = sum(w for _, w in positives)
         if variant == "out":
-            # -1/|P| sum_p log(exp(s_ip) / sum_a exp(s_ia))
-            terms.append(-sum(s[i, p] - log_denominator for p in positives) / len(positives))
+            # -1/W sum_p w_p log(exp(s_ip) / sum_a exp(s_ia))
+            terms.append(-sum(w * (s[i, p] - log_denominator) for p, w in positives) / total)
         else:
-            # -log(1/|P| sum_p exp(s_ip) / sum_a exp(s_ia)), the sum of exps as a log-sum-exp
-            log_ratios = torch.stack([s[i, p] - log_denominator for p in positives])
-            terms.append(-(torch.logsumexp(log_ratios, dim=0) - math.log(len(positives))))
+            # -log(1/W sum_p w_p exp(s_ip) / sum_a exp(s_ia)), the sum of exps as a log-sum-exp
+            log_ratios = torch.stack([s[i, p] - log_denominator + math.log(w) for p, w in positives])
+            terms.append(-(torch.logsumexp(log_ratios, dim=0) - math.log(total)))
     if not terms:
         return (z * 0).sum()
     return sum(terms) / len(terms)
@@ -589,3 +621,286 @@ def test_class_index_and_counts_match_unique_and_bincount():
         n = labels.numel()
         counts = loss_mod._class_counts(inverse, n, torch.float32)
         assert torch.equal(counts, torch.bincount(inverse, minlength=n).float())
+
+
+# ---------------------------------------------------------------------------------------------
+# Extra keys (a memory queue) and multi-label positives
+# ---------------------------------------------------------------------------------------------
+
+KEY_MODES = ["labels", "simclr", "jaccard", "any"]
+
+
+def make_key_case(mode: str, views: int, gen: torch.Generator, n_keys: int = 5):
+    """(features [6, V, 5], labels, keys [M, 5], key_labels, multilabel) of a small case with keys.
+
+    Class ids: class 1 has one sample (with one view, positives only among the keys), classes 2 and 3
+    have samples but no key, class 4 only keys, so anchors with positives in the batch alone, in the
+    keys alone, in both, and in neither all occur. Multi-hot: the same, plus a sample and a key with
+    no label at all.
+    """
+    features = torch.randn(6, views, 5, generator=gen, dtype=torch.float64)
+    keys = F.normalize(torch.randn(n_keys, 5, generator=gen, dtype=torch.float64), dim=1)
+    if mode == "simclr":
+        return features, None, keys, None, None
+    labels = torch.tensor([0, 0, 1, 2, 3, 3])
+    key_labels = torch.tensor([1, 4, 4, 0, 1])[:n_keys]
+    if mode == "labels":
+        return features, labels, keys, key_labels, None
+    hot = F.one_hot(labels, 5).bool()
+    hot[0, 2] = hot[3, 0] = hot[4, 4] = True  # overlaps of different sizes
+    hot[5] = False  # no label at all
+    key_hot = F.one_hot(key_labels, 5).bool()
+    key_hot[1, 3] = key_hot[3, 2] = True
+    key_hot[2] = False
+    return features, hot.float(), keys, key_hot, mode
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", KEY_MODES)
+@pytest.mark.parametrize("views", [1, 2])
+def test_keys_match_reference_float64(variant, mode, views):
+    gen = torch.Generator().manual_seed(40 + KEY_MODES.index(mode) + 7 * views)
+    features, labels, keys, key_labels, multilabel = make_key_case(mode, views, gen)
+    kw = {"keys": keys, "key_labels": key_labels, "multilabel": multilabel}
+    want, want_grad = value_and_grad(lambda x: reference_loss(x, labels, 0.2, variant, **kw), features)
+    # the keys change the loss: not a vacuous comparison (one view without labels has no positive)
+    without = reference_loss(features, labels, 0.2, variant, multilabel=multilabel)
+    assert (want - without).abs() > 1e-3 or (mode == "simclr" and views == 1 and variant != "npairs")
+    for chunk in (None, 1, 4):
+        got, got_grad = value_and_grad(
+            lambda x, c=chunk: supcon_loss(x, labels, temperature=0.2, variant=variant, chunk_size=c, **kw),
+            features,
+        )
+        assert_close(got, want, rtol=1e-10, atol=1e-10)
+        assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("rule", ["jaccard", "any"])
+@pytest.mark.parametrize(("batch", "views"), [(1, 2), (5, 1), (6, 2), (4, 3)])
+def test_multilabel_matches_reference_float64(variant, rule, batch, views):
+    gen = torch.Generator().manual_seed(60 + batch + 5 * views)
+    features = torch.randn(batch, views, 6, generator=gen, dtype=torch.float64)
+    hot = torch.rand(batch, 4, generator=gen) < 0.4
+    hot[0] = False  # an image without labels
+    want, want_grad = value_and_grad(
+        lambda x: reference_loss(x, hot, 0.3, variant, multilabel=rule), features
+    )
+    for labels in (hot, hot.float(), hot.long()):
+        for chunk in (None, 1, 3):
+            got, got_grad = value_and_grad(
+                lambda x, c=chunk, y=labels: supcon_loss(
+                    x, y, temperature=0.3, variant=variant, chunk_size=c, multilabel=rule
+                ),
+                features,
+            )
+            assert_close(got, want, rtol=1e-10, atol=1e-10)
+            assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", KEY_MODES)
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_gradcheck_with_keys(variant, mode, chunk):
+    gen = torch.Generator().manual_seed(71)
+    features, labels, keys, key_labels, multilabel = make_key_case(mode, 2, gen)
+    assert torch.autograd.gradcheck(
+        lambda x: supcon_loss(
+            x,
+            labels,
+            temperature=0.3,
+            variant=variant,
+            chunk_size=chunk,
+            keys=keys,
+            key_labels=key_labels,
+            multilabel=multilabel,
+        ),
+        (features.requires_grad_(True),),
+    )
+
+
+def test_one_hot_multilabel_equals_class_ids():
+    gen = torch.Generator().manual_seed(72)
+    features = torch.randn(12, 2, 8, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 4, (12,), generator=gen)
+    keys = F.normalize(torch.randn(7, 8, generator=gen, dtype=torch.float64), dim=1)
+    key_labels = torch.randint(0, 5, (7,), generator=gen)
+    for variant in VARIANTS:
+        want = supcon_loss(features, labels, variant=variant, keys=keys, key_labels=key_labels)
+        for rule in ("jaccard", "any"):
+            got = supcon_loss(
+                features,
+                F.one_hot(labels, 5),
+                variant=variant,
+                keys=keys,
+                key_labels=F.one_hot(key_labels, 5),
+                multilabel=rule,
+            )
+            assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", KEY_MODES)
+def test_keys_take_no_gradient_and_are_copied(mode):
+    gen = torch.Generator().manual_seed(73)
+    features, labels, keys, key_labels, multilabel = make_key_case(mode, 2, gen)
+    keys = keys.clone().requires_grad_(True)
+    f = features.clone().requires_grad_(True)
+    kw = {"key_labels": key_labels, "multilabel": multilabel}
+    loss = supcon_loss(f, labels, keys=keys, **kw)
+    want = torch.autograd.grad(supcon_loss(features.requires_grad_(True), labels, keys=keys.detach(), **kw),
+                               features)[0]  # fmt: skip
+    with torch.no_grad():
+        keys.mul_(-1)  # a queue overwritten between the forward and the backward
+    loss.backward()
+    assert keys.grad is None
+    assert_close(f.grad, want, rtol=0, atol=0)
+
+
+def test_empty_keys_equal_no_keys():
+    gen = torch.Generator().manual_seed(74)
+    features = torch.randn(10, 2, 8, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (10,), generator=gen)
+    hot = torch.rand(10, 3, generator=gen) < 0.5
+    cases = [(labels, labels[:0], None), (hot, hot[:0], "jaccard"), (None, None, None)]
+    for variant, chunk, (y, ky, rule) in itertools.product(VARIANTS, (None, 3), cases):
+        kw = {"variant": variant, "chunk_size": chunk, "multilabel": rule}
+        want, want_grad = value_and_grad(lambda x, y=y, kw=kw: supcon_loss(x, y, **kw), features)
+        got, got_grad = value_and_grad(
+            lambda x, y=y, ky=ky, kw=kw: supcon_loss(x, y, keys=features[:0, 0], key_labels=ky, **kw),
+            features,
+        )
+        assert_close(got, want, rtol=1e-14, atol=1e-14)
+        assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", ["labels", "jaccard"])
+def test_tiled_equals_dense_with_keys_float32(variant, mode):
+    gen = torch.Generator().manual_seed(75)
+    features = torch.randn(120, 2, 32, generator=gen)
+    keys = F.normalize(torch.randn(200, 32, generator=gen), dim=1)
+    if mode == "labels":
+        labels, key_labels, rule = torch.randint(0, 20, (120,), generator=gen), None, None
+        key_labels = torch.randint(0, 25, (200,), generator=gen)
+    else:
+        labels = torch.rand(120, 6, generator=gen) < 0.3
+        key_labels, rule = torch.rand(200, 6, generator=gen) < 0.3, mode
+    kw = {"keys": keys, "key_labels": key_labels, "multilabel": rule, "variant": variant}
+    want, want_grad = value_and_grad(lambda x: supcon_loss(x, labels, **kw), features)
+    for chunk in (37, 240):
+        got, got_grad = value_and_grad(
+            lambda x, c=chunk: supcon_loss(x, labels, chunk_size=c, **kw), features
+        )
+        assert_close(got, want, rtol=1e-5, atol=0)
+        assert (got_grad - want_grad).norm() <= 1e-5 * want_grad.norm()
+
+
+@pytest.mark.parametrize("mode", ["labels", "jaccard"])
+def test_tiled_path_keeps_linear_memory_with_keys_and_weights(mode):
+    n, dim, n_keys = 1024, 16, 1024
+    features = torch.randn(n, dim, requires_grad=True)
+    keys = F.normalize(torch.randn(n_keys, dim), dim=1)
+    if mode == "labels":
+        labels, key_labels, rule = torch.randint(0, 10, (n,)), torch.randint(0, 10, (n_keys,)), None
+    else:
+        labels, key_labels, rule = torch.rand(n, 5) < 0.3, torch.rand(n_keys, 5) < 0.3, mode
+    kw = {"keys": keys, "key_labels": key_labels, "multilabel": rule}
+    out, tiled = _saved_bytes(lambda: supcon_loss(features, labels, chunk_size=128, **kw))
+    assert tiled < 64 * (n + n_keys) * (dim + 8)  # no [N, N + M] tensor is kept
+    out.backward()
+    assert torch.isfinite(features.grad).all()
+
+
+def test_module_wrapper_passes_keys_and_multilabel():
+    gen = torch.Generator().manual_seed(76)
+    features, labels, keys, key_labels, _ = make_key_case("jaccard", 2, gen)
+    criterion = SupConLoss(temperature=0.2, variant="in", multilabel="jaccard")
+    assert "multilabel='jaccard'" in repr(criterion)
+    want = supcon_loss(
+        features,
+        labels,
+        temperature=0.2,
+        variant="in",
+        keys=keys,
+        key_labels=key_labels,
+        multilabel="jaccard",
+    )
+    assert_close(criterion(features, labels, keys, key_labels), want, 0, 0)
+    with pytest.raises(ValueError, match="unknown multilabel rule 'all'"):
+        SupConLoss(multilabel="all")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"keys": torch.randn(3, 8)}, ValueError, r"keys need key_labels \(\[M\] = \[3\] class ids"),
+        ({"key_labels": torch.arange(3)}, ValueError, "key_labels were given without keys"),
+        ({"keys": torch.randn(3, 7), "key_labels": torch.arange(3)}, ValueError, r"\[M, D\] with D = 8"),
+        ({"keys": torch.ones(3, 8, dtype=torch.long), "key_labels": torch.arange(3)}, TypeError, "floating"),
+        ({"keys": torch.randn(3, 8), "key_labels": torch.arange(4)}, ValueError, r"M = 3 keys.*\(4,\)"),
+        ({"keys": torch.randn(3, 8), "key_labels": torch.ones(3)}, TypeError, "key_labels must be integer"),
+        (
+            {
+                "labels": torch.eye(4, dtype=torch.bool),
+                "keys": torch.randn(3, 8),
+                "key_labels": torch.arange(3),
+            },
+            ValueError,
+            r"\[B, B\] positive mask does not say which keys are positives",
+        ),
+        (
+            {"labels": None, "keys": torch.randn(3, 8), "key_labels": torch.arange(3)},
+            ValueError,
+            "without labels every key is a negative",
+        ),
+        ({"multilabel": "all"}, ValueError, "unknown multilabel rule 'all'; valid rules: 'jaccard', 'any'"),
+        ({"multilabel": "any"}, ValueError, r"multi-hot \[B, C\] with B = 4 samples.*\(4,\)"),
+        ({"multilabel": "any", "labels": None}, TypeError, "multi-hot tensor with multilabel set"),
+        (
+            {
+                "multilabel": "any",
+                "labels": torch.ones(4, 3),
+                "keys": torch.randn(2, 8),
+                "key_labels": torch.ones(2, 5),
+            },
+            ValueError,
+            r"key_labels must be multi-hot \[M, C\] with M = 2 keys and C = 3 labels.*\(2, 5\)",
+        ),
+    ],
+)
+def test_errors_keys_and_multilabel(kwargs, error, match):
+    args = {"features": torch.randn(4, 2, 8), "labels": torch.tensor([0, 1, 0, 1])}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        supcon_loss(args.pop("features"), args.pop("labels"), **args)
+
+
+def test_simclr_keys_are_negatives_moco_style():
+    # MoCo's InfoNCE: one positive (the other view), the queue as negatives; L_out = L_in = npairs-free
+    gen = torch.Generator().manual_seed(77)
+    features = F.normalize(torch.randn(5, 2, 8, generator=gen, dtype=torch.float64), dim=-1)
+    keys = F.normalize(torch.randn(9, 8, generator=gen, dtype=torch.float64), dim=1)
+    z = torch.cat([features[:, 0], features[:, 1]])
+    logits = z @ torch.cat([z, keys]).T / 0.07
+    logits.fill_diagonal_(-math.inf)
+    target = torch.cat([torch.arange(5, 10), torch.arange(5)])
+    want = F.cross_entropy(logits, target)
+    for variant in ("out", "in"):
+        got = supcon_loss(features, None, temperature=0.07, variant=variant, keys=keys)
+        assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", KEY_MODES)
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_keys_and_multilabel_do_not_wait_for_the_device(mode, chunk):
+    from sync_counter import SyncCounter
+
+    gen = torch.Generator().manual_seed(78)
+    features, labels, keys, key_labels, multilabel = make_key_case(mode, 2, gen)
+    features = features.float().requires_grad_(True)
+    kw = {"keys": keys.float(), "key_labels": key_labels, "multilabel": multilabel, "chunk_size": chunk}
+    for variant in VARIANTS:
+        supcon_loss(features, labels, variant=variant, **kw).backward()  # warm-up
+        with SyncCounter() as c:
+            supcon_loss(features, labels, variant=variant, **kw).backward()
+        assert c.total == 0, (variant, c.counts)

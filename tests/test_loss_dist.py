@@ -86,3 +86,34 @@ def test_gathered_step_reads_the_host_once(results):
     # sizes, then torch.unique and bincount for the classes (2 + world size).
     for res in results:
         assert res["gather_syncs"] == {"Tensor.tolist": 1}, res["gather_syncs"]
+
+
+KEY_CASES = worker.key_cases()
+
+
+@pytest.mark.parametrize("index", range(len(KEY_CASES)), ids=[c.id for c in KEY_CASES])
+def test_gathered_loss_with_keys_equals_single_process(results, index):
+    # Keys are the same on every rank and not gathered: each anchor sees every key once.
+    case = KEY_CASES[index]
+    features, labels, keys, key_labels, multilabel = worker.key_case_data(index, case)
+    full = features.clone().requires_grad_(True)
+    want = supcon_loss(
+        full,
+        labels,
+        variant=case.variant,
+        chunk_size=case.chunk,
+        keys=keys,
+        key_labels=key_labels,
+        multilabel=multilabel,
+    )
+    want.backward()
+    grads = []
+    for rank in range(worker.WORLD):
+        value, grad = results[rank]["key_cases"][case.id]
+        torch.testing.assert_close(value, want.detach(), rtol=1e-10, atol=1e-12)
+        grads.append(grad)
+    torch.testing.assert_close(torch.cat(grads), full.grad, rtol=1e-10, atol=1e-12)
+    # the keys count: the loss without them differs (not a vacuous comparison)
+    if case.n_keys:
+        without = supcon_loss(features, labels, variant=case.variant, multilabel=multilabel)
+        assert (without - want).abs() > 1e-3, case.id

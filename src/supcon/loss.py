@@ -27,6 +27,32 @@ positive has no defined ``l_i`` and is left out of the mean (the authors' code c
 term instead); a batch without any positive gives a zero that is still attached to the graph (its
 gradient is zero). For ``"npairs"`` every anchor counts: it is always its own target.
 
+Extra keys (``keys``, e.g. a memory queue, MoCo-style). ``M`` constant vectors ``k_1 .. k_M`` with
+labels join every anchor's sets: ``A(i)`` becomes every row but ``i`` plus all ``M`` keys, with
+``s_ik = z_i . k_k / tau``, and ``P(i)`` also holds the keys that share ``i``'s label (none in SimCLR
+mode: there every key is a negative). The equations above are unchanged on these larger sets, so an
+anchor whose class has no other row in the batch still has a term when a key carries its class.
+Keys are never anchors and take no gradient. ``"npairs"`` with keys is the softmax cross-entropy
+over the ``N + M`` logits of row ``i`` with targets spread evenly over ``P(i) + {i}`` (positive keys
+included), i.e. tfa's npairs_loss on the logits ``z @ [z; k].T / tau``.
+
+Multi-label (``multilabel``, after MulSupCon, Zhang & Wu, AAAI 2024). Each sample has a label set
+``Y_i`` (a multi-hot row). A pair ``(i, j)``, ``j`` in ``A(i)``, gets the weight
+``w_ij = |Y_i & Y_j| / |Y_i | Y_j|`` (``"jaccard"``; 0 when both sets are empty) or
+``w_ij = 1 if |Y_i & Y_j| > 0 else 0`` (``"any"``), and ``P(i) = {j in A(i): w_ij > 0}``. A sample's
+other views have ``w = 1`` unless its label set is empty. With ``W_i = sum_{p in P(i)} w_ip``::
+
+      "out":    l_i = -1/W_i * sum_{p in P(i)} w_ip * log( exp(s_ip) / sum_{a in A(i)} exp(s_ia) )
+                    = logsumexp_{a in A(i)} s_ia - 1/W_i * sum_p w_ip s_ip
+      "in":     l_i = -log( 1/W_i * sum_{p in P(i)} w_ip * exp(s_ip) / sum_{a in A(i)} exp(s_ia) )
+                    = logsumexp_{a in A(i)} s_ia - logsumexp_{p in P(i)} (s_ip + log w_ip) + log W_i
+      "npairs": l_i = logsumexp_{a} s_ia - (s_ii + sum_{p in P(i)} w_ip s_ip) / (1 + W_i)
+
+(the anchor is its own target with weight 1). With ``"any"`` these are eq. 2, eq. 3 and npairs with
+"shares a label" as the positive relation. Samples without any label have no positive: they stay
+in the denominators of the others and are left out of the mean (for ``"npairs"`` they are their
+own only target). Extra keys take part with their own multi-hot labels.
+
 Temperature scaling is exactly the paper's: the authors' code also multiplies the loss by
 ``tau / base_temperature`` (0.07); pass ``base_temperature=0.07`` to reproduce that scale.
 
@@ -35,15 +61,17 @@ comes from per-class sums of features in O(N * D). Only the log-sum-exp over ``A
 ``P(i)`` for ``"in"``) needs pairwise work. It runs in a custom autograd function, either dense (one
 N x N tile whose softmax is kept for the backward) or tiled (``chunk`` anchor rows at a time, the
 tiles recomputed in the backward, so extra memory is O(N * (D + chunk))). Both give the same value
-and gradient.
+and gradient. Multi-label weights are pairwise: their sums come from tiles of ``Y Y^T`` in the same
+way, recomputed in the backward. Extra keys are appended as key columns; the backward skips their
+gradient.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,9 +79,10 @@ from torch.autograd.function import once_differentiable
 
 from supcon import dist as _dist
 
-__all__ = ["DENSE_MAX_PAIRS", "TILE_PAIRS", "VARIANTS", "SupConLoss", "supcon_loss"]
+__all__ = ["DENSE_MAX_PAIRS", "MULTILABEL_RULES", "TILE_PAIRS", "VARIANTS", "SupConLoss", "supcon_loss"]
 
 VARIANTS = ("out", "in", "npairs")
+MULTILABEL_RULES = ("jaccard", "any")
 
 # The dense path keeps one anchors x keys matrix (two for "in") alive until the backward; above this
 # many pairs (N = 8192 anchors and keys, 256 MiB in float32) the tiled path is chosen on its own.
@@ -69,12 +98,14 @@ def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.square().sum(dim=-1, keepdim=True).clamp_min(_NORM_EPS))
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Pairs:
     """Which keys (columns) each anchor (row) is paired with.
 
     Anchor ``i`` is key ``self_offset + i``. Positives: equal ``q_labels[i] == k_labels[j]``, or
-    ``mask[q_rows[i], k_cols[j]]`` in mask mode.
+    ``mask[q_rows[i], k_cols[j]]`` in mask mode; in multi-label mode a weight ``w_ij`` from the
+    multi-hot rows ``q_hot[i]`` and ``k_hot[j]`` by ``rule``. Keys from ``n_grad`` on (extra keys)
+    are constants: the backward gives them no gradient and skips their share of the work.
     """
 
     self_offset: int
@@ -84,6 +115,10 @@ class _Pairs:
     mask: torch.Tensor | None = None
     q_rows: torch.Tensor | None = None
     k_cols: torch.Tensor | None = None
+    q_hot: torch.Tensor | None = None
+    k_hot: torch.Tensor | None = None
+    rule: str | None = None
+    n_grad: int | None = None
 
     def logits(self, q: torch.Tensor, k: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         s = q[r0:r1] @ k.T
@@ -100,6 +135,28 @@ class _Pairs:
         c0 = self.self_offset + r0
         pos[:, c0 : c0 + (r1 - r0)].diagonal().fill_(False)
         return pos
+
+    def positive_logits(self, s: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """``s_ij`` on the positives, -inf elsewhere; ``s_ij + log w_ij`` with weights (a new tensor)."""
+        if self.q_hot is None:
+            return s.masked_fill(~self.positives(r0, r1), -math.inf)
+        return s + self.weights(r0, r1).log_()
+
+    def weights(self, r0: int, r1: int) -> torch.Tensor:
+        """Multi-label weights ``w_ij`` of anchors ``r0:r1``: 0 on the self pair and without overlap."""
+        inter = self.q_hot[r0:r1] @ self.k_hot.T  # |Y_i & Y_j|: exact, sums of 0/1 products
+        if self.rule == "any":
+            w = (inter > 0).to(inter.dtype)
+        else:  # Jaccard: |Y_i & Y_j| / |Y_i | Y_j|, 0 for two empty label sets
+            union = self.q_hot[r0:r1].sum(1, keepdim=True) + self.k_hot.sum(1)[None, :] - inter
+            w = inter.div_(union.clamp_min_(1))
+        c0 = self.self_offset + r0
+        w[:, c0 : c0 + (r1 - r0)].diagonal().fill_(0)
+        return w
+
+    def grad_keys(self, k: torch.Tensor) -> int:
+        """How many leading keys receive a gradient: all but the constant extra keys."""
+        return k.shape[0] if self.n_grad is None else self.n_grad
 
 
 def _logsumexp_(s: torch.Tensor, probs: bool) -> torch.Tensor:
@@ -138,7 +195,7 @@ class _RowLogSumExp(torch.autograd.Function):
             if m > 0:
                 s = pairs.logits(q, k, 0, m)
                 if with_pos:
-                    s_pos = s.masked_fill(~pairs.positives(0, m), -math.inf)
+                    s_pos = pairs.positive_logits(s, 0, m)
                     lse_pos = _logsumexp_(s_pos, probs=True)
                 lse = _logsumexp_(s, probs=True)
                 probs = (s, s_pos) if with_pos else (s,)
@@ -149,7 +206,7 @@ class _RowLogSumExp(torch.autograd.Function):
                 r1 = min(m, r0 + chunk)
                 s = pairs.logits(q, k, r0, r1)
                 if with_pos:
-                    s_pos = s.masked_fill(~pairs.positives(r0, r1), -math.inf)
+                    s_pos = pairs.positive_logits(s, r0, r1)
                     lse_pos[r0:r1] = _logsumexp_(s_pos, probs=False)
                 lse[r0:r1] = _logsumexp_(s, probs=False)
         ctx.pairs, ctx.with_pos, ctx.chunk = pairs, with_pos, chunk
@@ -177,27 +234,84 @@ class _RowLogSumExp(torch.autograd.Function):
             # no second N x N matrix is needed unless both outputs carry a gradient.
             p = probs[0]
             if g_pos is None:
-                return (p @ k).mul_(g), p.T @ (q * g), None, None, None
+                return (p @ k).mul_(g), _key_grad(p, q * g, k, pairs), None, None, None
             grad_s = p * g + probs[1] * g_pos
-            return grad_s @ k, grad_s.T @ q, None, None, None
+            return grad_s @ k, _key_grad(grad_s, q, k, pairs), None, None, None
         dq = torch.empty_like(q)
         dk = torch.zeros_like(k)
+        ng = pairs.grad_keys(k)
         lse = _finite_or_zero(lse)[:, None]
         lse_pos = _finite_or_zero(lse_pos)[:, None] if g_pos is not None else None
         for r0 in range(0, q.shape[0], chunk):
             r1 = min(q.shape[0], r0 + chunk)
             s = pairs.logits(q, k, r0, r1)
             if g_pos is not None:
-                p_pos = s.masked_fill(~pairs.positives(r0, r1), -math.inf).sub_(lse_pos[r0:r1]).exp_()
+                p_pos = pairs.positive_logits(s, r0, r1).sub_(lse_pos[r0:r1]).exp_()
             p = s.sub_(lse[r0:r1]).exp_()
             if g_pos is None:
                 torch.mm(p, k, out=dq[r0:r1]).mul_(g[r0:r1])
-                dk.addmm_(p.T, q[r0:r1] * g[r0:r1])
+                dk[:ng].addmm_(p[:, :ng].T, q[r0:r1] * g[r0:r1])
             else:
                 p.mul_(g[r0:r1]).add_(p_pos.mul_(g_pos[r0:r1]))
                 torch.mm(p, k, out=dq[r0:r1])
-                dk.addmm_(p.T, q[r0:r1])
+                dk[:ng].addmm_(p[:, :ng].T, q[r0:r1])
         return dq, dk, None, None, None
+
+
+def _key_grad(grad_s: torch.Tensor, rhs: torch.Tensor, k: torch.Tensor, pairs: _Pairs) -> torch.Tensor:
+    """``grad_s.T @ rhs``, the keys' gradient, computed only for the keys that take one."""
+    ng = pairs.grad_keys(k)
+    if ng == k.shape[0]:
+        return grad_s.T @ rhs
+    dk = torch.zeros_like(k)
+    torch.mm(grad_s[:, :ng].T, rhs, out=dk[:ng])
+    return dk
+
+
+def _weight_sums(pairs: _Pairs, m: int, chunk: int | None) -> torch.Tensor:
+    """``sum_j w_ij`` of every anchor, a tile of ``chunk`` anchor rows at a time."""
+    if m == 0:
+        return pairs.k_hot.new_zeros(0)
+    step = chunk or m
+    return torch.cat([pairs.weights(r0, min(m, r0 + step)).sum(dim=1) for r0 in range(0, m, step)])
+
+
+class _WeightedPositives(torch.autograd.Function):
+    """Multi-label positives: per anchor ``sum_j w_ij`` and ``sum_j w_ij s_ij = q_i . sum_j w_ij k_j``.
+
+    Tiles of ``chunk`` anchor rows (one tile for ``None``); the weights are recomputed in the
+    backward, so only ``q``, ``k`` and the ``[N, D]`` weighted key sums are kept.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, pairs: _Pairs, chunk: int | None):
+        m = q.shape[0]
+        step = chunk or max(m, 1)
+        count, wk = q.new_empty(m), q.new_empty(m, k.shape[1])
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            w = pairs.weights(r0, r1)
+            count[r0:r1] = w.sum(dim=1)
+            torch.mm(w, k, out=wk[r0:r1])
+        ctx.pairs, ctx.step = pairs, step
+        ctx.save_for_backward(q, k, wk)
+        ctx.mark_non_differentiable(count)
+        ctx.set_materialize_grads(False)
+        return count, (q * wk).sum(dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _g_count, g):
+        if g is None:
+            return None, None, None, None
+        q, k, wk = ctx.saved_tensors
+        qg = q * g[:, None]
+        dk = torch.zeros_like(k)
+        ng = ctx.pairs.grad_keys(k)
+        for r0 in range(0, q.shape[0], ctx.step):
+            r1 = min(q.shape[0], r0 + ctx.step)
+            dk[:ng].addmm_(ctx.pairs.weights(r0, r1)[:, :ng].T, qg[r0:r1])
+        return wk * g[:, None], dk, None, None
 
 
 def _class_stats(q, keys, k_cls, n_cls: int, row_offset: int, variant: str):
@@ -307,9 +421,13 @@ def _check_temperature_tensor(t: torch.Tensor) -> float | None:
     return float(t.detach()) if t.device.type == "cpu" else None
 
 
-def _check_options(temperature, variant, chunk_size, base_temperature) -> None:
+def _check_options(temperature, variant, chunk_size, base_temperature, multilabel=None) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(map(repr, VARIANTS))}")
+    if multilabel is not None and multilabel not in MULTILABEL_RULES:
+        raise ValueError(
+            f"unknown multilabel rule {multilabel!r}; valid rules: {', '.join(map(repr, MULTILABEL_RULES))}"
+        )
     checks = []
     if isinstance(temperature, torch.Tensor):
         value = _check_temperature_tensor(temperature)
@@ -333,8 +451,12 @@ def _check_options(temperature, variant, chunk_size, base_temperature) -> None:
         raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
 
 
-def _check_labels(labels, batch: int, device: torch.device) -> tuple[str, torch.Tensor | None]:
-    """The mode ("simclr", "labels" or "mask") and the labels on ``device``."""
+def _check_labels(
+    labels, batch: int, device: torch.device, multilabel: str | None = None
+) -> tuple[str, torch.Tensor | None]:
+    """The mode ("simclr", "labels", "mask" or "multi") and the labels on ``device``."""
+    if multilabel is not None:
+        return "multi", _check_multi_hot(labels, batch, device, "labels", f"B = {batch} samples")
     if labels is None:
         return "simclr", None
     if not isinstance(labels, torch.Tensor):
@@ -360,6 +482,66 @@ def _check_labels(labels, batch: int, device: torch.device) -> tuple[str, torch.
     )
 
 
+def _check_multi_hot(hot, rows: int, device, name: str, what: str, classes: int | None = None):
+    """Multi-hot labels ``[rows, C]`` as a bool tensor on ``device`` (non-zero entries are labels)."""
+    if not isinstance(hot, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a [{what.split()[0]}, C] multi-hot tensor with multilabel set, got "
+            f"{type(hot).__name__}"
+        )
+    if hot.dim() != 2 or hot.shape[0] != rows or (classes is not None and hot.shape[1] != classes):
+        want = "C" if classes is None else f"C = {classes}"
+        raise ValueError(
+            f"{name} must be multi-hot [{what.split()[0]}, C] with {what} and {want} labels when multilabel "
+            f"is set, got shape {tuple(hot.shape)}"
+        )
+    return hot.to(device) != 0
+
+
+def _check_keys(keys, key_labels, mode: str, labels, dim: int, device, dtype, normalize: bool):
+    """The extra keys ``[M, D]`` (detached, in ``dtype``) and their labels, checked against the mode."""
+    if keys is None:
+        if key_labels is not None:
+            raise ValueError("key_labels were given without keys")
+        return None, None
+    if not isinstance(keys, torch.Tensor) or not keys.is_floating_point():
+        raise TypeError(f"keys must be a floating-point torch.Tensor [M, D], got {_describe(keys)}")
+    if keys.dim() != 2 or keys.shape[1] != dim:
+        raise ValueError(f"keys must be [M, D] with D = {dim} as the features, got shape {tuple(keys.shape)}")
+    m = keys.shape[0]
+    if mode == "mask":
+        raise ValueError(
+            "keys need class ids, multi-hot labels or None as labels: a [B, B] positive mask does not "
+            "say which keys are positives"
+        )
+    if mode == "simclr":
+        if key_labels is not None:
+            raise ValueError(
+                "key_labels need labels for the batch too: without labels every key is a negative"
+            )
+    elif key_labels is None:
+        raise ValueError(f"keys need key_labels ([M] = [{m}] class ids, or [M, C] multi-hot with multilabel)")
+    elif mode == "multi":
+        key_labels = _check_multi_hot(key_labels, m, device, "key_labels", f"M = {m} keys", labels.shape[1])
+    else:
+        if not isinstance(key_labels, torch.Tensor):
+            raise TypeError(f"key_labels must be a torch.Tensor, got {type(key_labels).__name__}")
+        if key_labels.shape != (m,):
+            raise ValueError(
+                f"key_labels must be [M] class ids with M = {m} keys, got shape {tuple(key_labels.shape)}"
+            )
+        if key_labels.is_floating_point() or key_labels.is_complex():
+            raise TypeError(f"key_labels must be integer class ids, got dtype {key_labels.dtype}")
+        key_labels = key_labels.to(device=device, dtype=labels.dtype)
+    # Constants, as a memory queue's entries are: no gradient reaches them.
+    keys = keys.detach().to(device=device, dtype=dtype)
+    return (_l2_normalize(keys) if normalize else keys), key_labels
+
+
+def _describe(x) -> str:
+    return f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def supcon_loss(
     features: torch.Tensor,
     labels: torch.Tensor | None = None,
@@ -370,6 +552,9 @@ def supcon_loss(
     chunk_size: int | None = None,
     gather: bool = False,
     base_temperature: float | None = None,
+    keys: torch.Tensor | None = None,
+    key_labels: torch.Tensor | None = None,
+    multilabel: str | None = None,
 ) -> torch.Tensor:
     """Supervised contrastive loss of a batch (see the module docstring for the equations).
 
@@ -382,20 +567,30 @@ def supcon_loss(
             when sample ``j`` counts as "same" as sample ``i`` (it may be asymmetric). The mask acts
             on samples: view pairs inherit it, so keep the diagonal true for a sample's own views to
             be positives. The mask ``y[:, None] == y[None, :]`` gives the same loss as the class ids
-            ``y``, and ``eye(B)`` the same as ``None``.
+            ``y``, and ``eye(B)`` the same as ``None``. With ``multilabel`` set: ``[B, C]`` multi-hot
+            labels (0/1, float, integer or bool; non-zero entries are the sample's labels).
         temperature: ``tau`` > 0: a number, or a 0-d tensor (which may require grad, e.g. a learned
             temperature; on an accelerator its value is not checked, as that would wait for it).
         variant: ``"out"`` (eq. 2, default), ``"in"`` (eq. 3) or ``"npairs"`` (tfa's npairs_loss).
-        normalize: L2-normalise the features along ``D`` first (``x / max(|x|, 1e-6)``, as
-            ``tf.math.l2_normalize``: a zero vector stays zero, no NaN).
+        normalize: L2-normalise the features (and ``keys``) along ``D`` first
+            (``x / max(|x|, 1e-6)``, as ``tf.math.l2_normalize``: a zero vector stays zero, no NaN).
         chunk_size: anchor rows per tile of the memory-linear tiled path; setting it forces that
             path. ``None`` picks dense when ``anchors * keys <= DENSE_MAX_PAIRS`` (2**26, N = 8192),
-            else tiles of ``TILE_PAIRS // N`` rows.
+            else tiles of ``TILE_PAIRS // N`` rows (keys: the batch's rows plus the extra keys).
         gather: all-gather features and labels from every ``torch.distributed`` rank so that each
             local anchor is contrasted with the global batch. A no-op without a process group or
             with one process. See "Across processes" below.
         base_temperature: if given, multiply the loss by ``temperature / base_temperature``, the
             extra factor of the authors' code (which uses 0.07). Off by default: the paper has none.
+        keys: ``[M, D]`` extra keys, e.g. a memory queue's (:class:`supcon.queue.LabelQueue`): they
+            join every anchor's ``A(i)``, and its ``P(i)`` where their label matches (module
+            docstring). Constants: detached, so no gradient reaches them; normalised as the features
+            are. They are never anchors and, with ``gather=True``, not gathered: pass the same keys on
+            every rank. Not with a ``[B, B]`` mask; with ``labels=None`` every key is a negative.
+        key_labels: the keys' labels, as ``labels``: ``[M]`` class ids, or ``[M, C]`` multi-hot with
+            ``multilabel``; ``None`` with ``labels=None``.
+        multilabel: ``"jaccard"`` or ``"any"``: read ``labels`` as ``[B, C]`` multi-hot and weigh
+            positives by label overlap (module docstring). ``None`` (default): single-label.
 
     Returns:
         A 0-dim tensor. The computation runs in float32, or in float64 for float64 features:
@@ -403,8 +598,9 @@ def supcon_loss(
         upcast, and the result is float32 for them.
 
     Raises:
-        TypeError: non-tensor or non-floating features, floating-point class ids.
-        ValueError: wrong shapes, unknown variant, non-positive temperature or chunk size.
+        TypeError: non-tensor or non-floating features or keys, floating-point class ids.
+        ValueError: wrong shapes, unknown variant or rule, non-positive temperature or chunk size,
+            keys with a mask, keys without their labels.
 
     Across processes (``gather=True``): every rank computes the terms ``l_i`` of its own anchors
     against the keys of all ranks (ranks may hold different ``B``; ``V`` and ``D`` must agree).
@@ -416,13 +612,15 @@ def supcon_loss(
     exactly their slice of the single-process gradient. DistributedDataParallel then *averages*
     parameter gradients over ranks, so to train with the exact global gradient multiply the loss by
     the world size before ``backward()``. A mask must then be ``[B_local, B_global]``: rows are this
-    rank's samples, columns all samples in rank order.
+    rank's samples, columns all samples in rank order. Extra ``keys`` are the same on every rank
+    and appended once after the gathered rows, so the result is the single-process loss of the
+    concatenated batch with those keys.
     """
     features = _check_features(features)
-    _check_options(temperature, variant, chunk_size, base_temperature)
+    _check_options(temperature, variant, chunk_size, base_temperature, multilabel)
     batch, views, dim = features.shape
     device = features.device
-    mode, labels = _check_labels(labels, batch, device)
+    mode, labels = _check_labels(labels, batch, device, multilabel)
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     if isinstance(temperature, torch.Tensor):
         # Kept a tensor (reading it would wait for the device), so it may also be a learned one.
@@ -435,57 +633,20 @@ def supcon_loss(
         if normalize:
             x = _l2_normalize(x)
         z = x.transpose(0, 1).reshape(views * batch, dim)
-
-        if gather and _dist.world_size() > 1:
-            # One exchange of every rank's [B, V, D], read once on the host: the sizes shape the
-            # gather (its padding and trimming), so this is the one wait the gather path needs.
-            shapes = _dist.all_gather_shapes([batch, views, dim], device)
-            if any(s[1:] != shapes[0][1:] for s in shapes):
-                raise ValueError(
-                    "gather=True needs the same number of views and feature size on every rank, got "
-                    f"[B, V, D] = {shapes}"
-                )
-            sizes = [s[0] for s in shapes]
-            rank = _dist.rank()
-            keys = _dist.all_gather_with_grad(z, [views * s for s in sizes])
-        else:
-            sizes, rank, gather = [batch], 0, False
-            keys = z
-        sample_offset = sum(sizes[:rank])
-        row_offset = views * sample_offset
-        total = sum(sizes)
+        extra, extra_labels = _check_keys(keys, key_labels, mode, labels, dim, device, dtype, normalize)
+        keys, sizes, rank, gather = _gather_rows(z, batch, views, dim, gather)
+        n_batch = keys.shape[0]
+        if extra is not None:
+            keys = torch.cat([keys, extra])
         m, n = z.shape[0], keys.shape[0]
+        if chunk_size is None and m * n > DENSE_MAX_PAIRS:
+            chunk_size = max(1, TILE_PAIRS // n)
         q = z / temperature
-        if mode == "labels":
-            k_labels = labels.repeat(views) if views > 1 else labels
-            if gather:
-                k_labels = _dist.all_gather_nograd(k_labels, [views * s for s in sizes])
-            # The class of a key: the rank of its label, as torch.unique numbers them; at most n classes.
-            count, pos_dot, pairs, self_in = _class_stats(
-                q, keys, _class_index(k_labels), n, row_offset, variant
-            )
-        else:
-            # Sample index of every key row in the global order: rank by rank, view-major in a rank.
-            key_samples = torch.cat(
-                [
-                    torch.arange(o, o + s, device=device).repeat(views)
-                    for o, s in zip(itertools.accumulate([0, *sizes[:-1]]), sizes, strict=True)
-                ]
-            )
-            if mode == "simclr":  # the classes are the samples
-                count, pos_dot, pairs, self_in = _class_stats(
-                    q, keys, key_samples, total, row_offset, variant
-                )
-            else:
-                if labels.shape[1] != total:
-                    raise ValueError(
-                        f"a positive mask must be [B, B] with B = {total} samples"
-                        + (f" ([B_local, B_global] = [{batch}, {total}] with gather=True)" if gather else "")
-                        + f", got shape {tuple(labels.shape)}"
-                    )
-                count, pos_dot, pairs, self_in = _mask_stats(
-                    q, keys, labels, key_samples, row_offset, variant
-                )
+        count, pos_dot, pairs, self_in = _positive_stats(
+            mode, q, keys, labels, extra_labels, views, sizes, rank, gather, variant, multilabel, chunk_size
+        )
+        if extra is not None:
+            pairs = dataclasses.replace(pairs, n_grad=n_batch)
         # count and pos_dot include the self pair where self_in is 1; "out" and "in" leave it out,
         # "npairs" always counts it.
         adjust = 1 - self_in if variant == "npairs" else -self_in
@@ -494,14 +655,83 @@ def supcon_loss(
             if pos_dot is not None:
                 pos_dot = pos_dot + adjust * (q * z).sum(dim=1)  # s_ii = q_i . z_i
 
-        if chunk_size is None and m * n > DENSE_MAX_PAIRS:
-            chunk_size = max(1, TILE_PAIRS // n)
         lse, lse_pos = _RowLogSumExp.apply(q, keys, pairs, variant == "in", chunk_size)
 
         loss = _mean_over_anchors(lse, lse_pos, count, pos_dot, variant, gather)
         if base_temperature is not None:
             loss = loss * (temperature / base_temperature)
     return loss
+
+
+def _gather_rows(z: torch.Tensor, batch: int, views: int, dim: int, gather: bool):
+    """(The keys: ``z`` of every rank with ``gather``, else ``z``; samples per rank; rank; gather)."""
+    if not gather or _dist.world_size() == 1:
+        return z, [batch], 0, False
+    # One exchange of every rank's [B, V, D], read once on the host: the sizes shape the gather (its
+    # padding and trimming), so this is the one wait the gather path needs.
+    shapes = _dist.all_gather_shapes([batch, views, dim], z.device)
+    if any(s[1:] != shapes[0][1:] for s in shapes):
+        raise ValueError(
+            "gather=True needs the same number of views and feature size on every rank, got "
+            f"[B, V, D] = {shapes}"
+        )
+    sizes = [s[0] for s in shapes]
+    return _dist.all_gather_with_grad(z, [views * s for s in sizes]), sizes, _dist.rank(), True
+
+
+def _positive_stats(
+    mode, q, keys, labels, extra_labels, views, sizes, rank, gather, variant, multilabel, chunk
+):
+    """``count``, ``pos_dot``, the pairs and ``self_in`` (see :func:`_class_stats`) for the label mode.
+
+    ``keys`` are the batch's rows (every rank's with ``gather``) followed by the extra keys, whose
+    labels are ``extra_labels`` (``None`` without extra keys or in SimCLR mode).
+    """
+    device = q.device
+    row_offset = views * sum(sizes[:rank])
+    n_extra = keys.shape[0] - views * sum(sizes)
+    row_sizes = [views * s for s in sizes]
+    if mode in ("labels", "multi"):
+        if mode == "multi":  # 0/1 in the compute dtype: weights come from products of them
+            labels = labels.to(q.dtype)
+            extra_labels = None if extra_labels is None else extra_labels.to(q.dtype)
+        k_labels = labels.repeat(views, *([1] * (labels.dim() - 1))) if views > 1 else labels
+        if gather:
+            k_labels = _dist.all_gather_nograd(k_labels, row_sizes)
+        if extra_labels is not None:
+            k_labels = torch.cat([k_labels, extra_labels])
+        if mode == "multi":
+            q_hot = k_labels[row_offset : row_offset + q.shape[0]]
+            pairs = _Pairs(
+                row_offset, variant != "npairs", q_hot=q_hot, k_hot=k_labels, rule=multilabel,
+                n_grad=keys.shape[0] - n_extra,
+            )  # fmt: skip
+            # The weights leave the self pair out: self_in = 0.
+            if variant == "in":  # only the weights' sums: the positive term is a log-sum-exp
+                return _weight_sums(pairs, q.shape[0], chunk), None, pairs, 0.0
+            count, pos_dot = _WeightedPositives.apply(q, keys, pairs, chunk)
+            return count, pos_dot, pairs, 0.0
+        # The class of a key: the rank of its label, as torch.unique numbers them; at most n classes.
+        return _class_stats(q, keys, _class_index(k_labels), keys.shape[0], row_offset, variant)
+    # Sample index of every key row in the global order: rank by rank, view-major in a rank.
+    key_samples = torch.cat(
+        [
+            torch.arange(o, o + s, device=device).repeat(views)
+            for o, s in zip(itertools.accumulate([0, *sizes[:-1]]), sizes, strict=True)
+        ]
+    )
+    total = sum(sizes)
+    if mode == "simclr":  # the classes are the samples; extra keys share one class of no anchor
+        if n_extra:
+            key_samples = torch.cat([key_samples, key_samples.new_full((n_extra,), total)])
+        return _class_stats(q, keys, key_samples, total + (1 if n_extra else 0), row_offset, variant)
+    if labels.shape[1] != total:
+        raise ValueError(
+            f"a positive mask must be [B, B] with B = {total} samples"
+            + (f" ([B_local, B_global] = [{sizes[rank]}, {total}] with gather=True)" if gather else "")
+            + f", got shape {tuple(labels.shape)}"
+        )
+    return _mask_stats(q, keys, labels, key_samples, row_offset, variant)
 
 
 def _mean_over_anchors(lse, lse_pos, count, pos_dot, variant: str, gather: bool) -> torch.Tensor:
@@ -512,7 +742,8 @@ def _mean_over_anchors(lse, lse_pos, count, pos_dot, variant: str, gather: bool)
         n_valid = float(m)
     else:
         valid = count > 0
-        safe_count = count.clamp_min(1)
+        # Multi-label weights may sum to less than 1: only the anchors left out are set to 1.
+        safe_count = torch.where(valid, count, 1.0)
         per_anchor = lse - lse_pos + safe_count.log() if variant == "in" else lse - pos_dot / safe_count
         # Anchors without positives have no term (their value may be inf); where() also stops
         # their gradient, and an empty batch gives a zero that is still part of the graph.
@@ -532,7 +763,7 @@ def _mean_over_anchors(lse, lse_pos, count, pos_dot, variant: str, gather: bool)
 
 
 class SupConLoss(nn.Module):
-    """``nn.Module`` form of :func:`supcon_loss`; ``forward(features, labels=None)``.
+    """``nn.Module`` form of :func:`supcon_loss`: ``forward(features, labels, keys, key_labels)``.
 
     Example::
 
@@ -548,20 +779,31 @@ class SupConLoss(nn.Module):
         chunk_size: int | None = None,
         gather: bool = False,
         base_temperature: float | None = None,
+        multilabel: str | None = None,
     ) -> None:
         super().__init__()
-        _check_options(temperature, variant, chunk_size, base_temperature)
+        _check_options(temperature, variant, chunk_size, base_temperature, multilabel)
         self.temperature = temperature
         self.variant = variant
         self.normalize = normalize
         self.chunk_size = chunk_size
         self.gather = gather
         self.base_temperature = base_temperature
+        self.multilabel = multilabel
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+        key_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return supcon_loss(
             features,
             labels,
+            keys=keys,
+            key_labels=key_labels,
+            multilabel=self.multilabel,
             temperature=self.temperature,
             variant=self.variant,
             normalize=self.normalize,
@@ -580,4 +822,6 @@ class SupConLoss(nn.Module):
             parts.append("gather=True")
         if self.base_temperature is not None:
             parts.append(f"base_temperature={self.base_temperature}")
+        if self.multilabel is not None:
+            parts.append(f"multilabel={self.multilabel!r}")
         return ", ".join(parts)
