@@ -57,15 +57,36 @@ class Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("--dataset", "data.dataset", "registered dataset: digits, cifar10, cifar100, imagefolder", "data"),
+    Flag(
+        "--dataset",
+        "data.dataset",
+        "registered dataset: digits, cifar10, cifar100, cifar10-lt, cifar100-lt, imagefolder",
+        "data",
+    ),  # fmt: skip
     Flag(
         "--data",
         "data.path",
-        "image folder (PATH/train/<class>/*, PATH/test/<class>/*) or a CIFAR copy",
+        "image folder (PATH/train|test/<class>/* or PATH/<class>/*), CSV manifest (path,label[,split]) "
+        "or a CIFAR copy",
         "data",
         metavar="PATH",
     ),  # fmt: skip
-    Flag("--image-size", "data.image_size", "resize images to N x N", "data", _positive_int, metavar="N"),
+    Flag(
+        "--image-size",
+        "data.image_size",
+        "training size N x N (image files from 64 px on: stored at their own aspect, cropped to N)",
+        "data",
+        _positive_int,
+        metavar="N",
+    ),  # fmt: skip
+    Flag(
+        "--test-fraction",
+        "data.test_fraction",
+        "test share of image files given without a split (per class, fixed seed)",
+        "data",
+        float,
+        metavar="F",
+    ),  # fmt: skip
     Flag(
         "--val-fraction",
         "data.val_fraction",
