@@ -88,6 +88,7 @@ FLAGS: tuple[Flag, ...] = (
         "autocast precision (auto: bf16 where native, fp16 on older GPUs)",
         choices=choices(Precision),
     ),  # fmt: skip
+    Flag("--tensorboard", "tensorboard", "per-epoch scalars in RUN/tensorboard/", "logging", switch=True),
     Flag("--sync-bn", "sync_bn", "synchronise BatchNorm over all processes (under torchrun)", switch=True),
     Flag(
         "--finetune",

@@ -47,6 +47,8 @@ class DataConfig:
     image_size: int | None = _num(None, ge=1)  # resize (image folders) / scale (digits)
     val_fraction: float = _num(0.0, ge=0, lt=1)  # carved from train; the test set is touched once
     normalize: bool = False  # standardise inputs with the training set's per-channel mean/std
+    # Classes (names or ids) left out of training; evaluated as open-set retrieval.
+    exclude_classes: list[str | int] | None = None
 
 
 @dataclass
@@ -107,6 +109,7 @@ class Config:
     knn_temperature: float = _num(0.1, gt=0)
     keep_checkpoints: int = _num(2, ge=0)  # 0 keeps all
     checkpoint_every: int = _num(1, ge=1)  # epochs between checkpoints (the last epoch always saves)
+    tensorboard: bool = False  # per-epoch records also as TensorBoard scalars in RUN/tensorboard/
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
