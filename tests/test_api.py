@@ -47,6 +47,10 @@ def test_every_command_is_callable_from_python_and_the_api_leaves_the_process_al
     assert _denormal_survives()  # no process-wide CPU tuning unless asked
     evaluated = supcon.run("eval", from_dir=out, device="cpu")
     assert evaluated["rows"][0]["test_acc"] == trained["rows"][0]["test_acc"]
+    # eval recomputes the run's retrieval block from the saved weights
+    assert set(evaluated["retrieval"]["encoders"]) == {"cross-entropy encoder"}
+    got, saved = evaluated["retrieval"]["encoders"], trained["retrieval"]["encoders"]
+    assert got["cross-entropy encoder"] == pytest.approx(saved["cross-entropy encoder"])
     supcon.run("train-ce", out=out, overrides={**overrides, "tune_cpu": True}, overwrite=True, progress=False)
     try:
         assert not _denormal_survives()

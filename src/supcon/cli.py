@@ -109,6 +109,7 @@ FLAGS: tuple[Flag, ...] = (
         "autocast precision (auto: bf16 where native, fp16 on older GPUs)",
         choices=choices(Precision),
     ),  # fmt: skip
+    Flag("--tensorboard", "tensorboard", "per-epoch scalars in RUN/tensorboard/", "logging", switch=True),
     Flag("--sync-bn", "sync_bn", "synchronise BatchNorm over all processes (under torchrun)", switch=True),
     Flag(
         "--finetune",
@@ -228,11 +229,12 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from supcon.experiments import COMMANDS, evaluate_run
+    from supcon.experiments import COMMANDS, evaluate
 
     if not COMMANDS[args.command].trains:
-        for r in evaluate_run(args.from_dir, device=args.device or "auto"):
-            print(f"{r['experiment']}: {100 * r['test_acc']:.2f}%")
+        from supcon.report import evaluation_text
+
+        print(evaluation_text(evaluate(args.from_dir, device=args.device or "auto")))
         return 0
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out DIR (the run folder to continue)")

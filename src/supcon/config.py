@@ -57,6 +57,8 @@ class DataConfig:
     # None = as loaded (cifar10-lt / cifar100-lt: 100).
     imbalance: float | None = _num(None, ge=1)
     sampler: Sampler = "uniform"  # epoch order: a shuffle, or classes drawn equally / by sqrt(count)
+    # Classes (names or ids) left out of training; evaluated as open-set retrieval.
+    exclude_classes: list[str | int] | None = None
 
 
 @dataclass
@@ -117,6 +119,7 @@ class Config:
     knn_temperature: float = _num(0.1, gt=0)
     keep_checkpoints: int = _num(2, ge=0)  # 0 keeps all
     checkpoint_every: int = _num(1, ge=1)  # epochs between checkpoints (the last epoch always saves)
+    tensorboard: bool = False  # per-epoch records also as TensorBoard scalars in RUN/tensorboard/
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

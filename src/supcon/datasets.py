@@ -43,6 +43,7 @@ class ImageDataset:
     norm: Normalize | None = None  # how model inputs are standardised (None: plain [0, 1])
     train_paths: list[str] | None = None  # where each image came from, when it came from a file
     test_paths: list[str] | None = None
+    held_out: ImageDataset | None = None  # classes left out of training (data.exclude_classes)
 
     def __or__(self, fields: dict) -> ImageDataset:
         """The same dataset with some fields set (``data | {"train_paths": ...}``)."""
@@ -268,6 +269,40 @@ def channel_stats(images, sample: int = 4096) -> Normalize:
     return Normalize(tuple(mean.tolist()), tuple(std.tolist()))
 
 
+def _select(data: ImageDataset, train: torch.Tensor, test: torch.Tensor) -> ImageDataset:
+    """The images of ``data`` where the boolean masks ``train`` [N_train] and ``test`` [N_test] are set."""
+    from dataclasses import replace
+
+    def pick(paths, mask):
+        return None if paths is None else [p for p, m in zip(paths, mask.tolist(), strict=True) if m]
+
+    return replace(
+        data, train_x=take(data.train_x, train), train_y=data.train_y[train], test_x=take(data.test_x, test),
+        test_y=data.test_y[test], train_paths=pick(data.train_paths, train),
+        test_paths=pick(data.test_paths, test), held_out=None,
+    )  # fmt: skip
+
+
+def exclude_classes(data: ImageDataset, names: list[str | int] | None) -> ImageDataset:
+    """``data`` without the images of ``names`` (class names, else ids), which move to
+    ``held_out``: no phase trains on them, evaluation retrieves them (open-set retrieval)."""
+    if not names:
+        return data
+    ids = {str(i): i for i in range(data.num_classes)} | {str(c): i for i, c in enumerate(data.classes)}
+    unknown = [n for n in names if str(n) not in ids]
+    if unknown:
+        raise UsageError(
+            f"data.exclude_classes: unknown {unknown}; the classes are: {', '.join(data.classes)}"
+        )
+    out = torch.tensor(sorted({ids[str(n)] for n in names}))
+    if data.num_classes - len(out) < 2:
+        raise UsageError(f"data.exclude_classes leaves {data.num_classes - len(out)} class; 2 must train")
+    held_train, held_test = torch.isin(data.train_y, out), torch.isin(data.test_y, out)
+    kept = _select(data, ~held_train, ~held_test)
+    kept.held_out = _select(data, held_train, held_test)
+    return kept
+
+
 def load_split(data_cfg, seed: int, progress: bool = True) -> tuple[ImageDataset, Split]:
     """The dataset of a run and its train/validation split (``data_cfg``: a ``config.DataConfig``).
 
@@ -286,7 +321,10 @@ def load_split(data_cfg, seed: int, progress: bool = True) -> tuple[ImageDataset
         )  # fmt: skip
     if d.imbalance is not None and d.dataset not in ("cifar10-lt", "cifar100-lt"):  # those cut their own
         data = long_tailed(data, d.imbalance)
+    data = exclude_classes(data, d.exclude_classes)
     split = Split(*split_validation(data.train_x, data.train_y, d.val_fraction, seed))
     if d.normalize:
         data.norm = channel_stats(split.train_x)
+        if data.held_out is not None:
+            data.held_out.norm = data.norm
     return data, split

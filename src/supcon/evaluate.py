@@ -6,9 +6,9 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from supcon.datasets import Normalize
+from supcon.retrieval import knn_search, weighted_knn_predict
 from supcon.runtime import Runtime
 
 
@@ -57,7 +57,6 @@ def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred.cpu() == y.cpu()).float().mean()) if len(y) else float("nan")
 
 
-@torch.inference_mode()
 def knn_accuracy(
     bank: torch.Tensor,
     bank_y: torch.Tensor,
@@ -67,19 +66,12 @@ def knn_accuracy(
     temperature: float,
 ) -> float:
     """Weighted kNN on cosine similarity (as InstDisc/SupContrast monitors): votes exp(sim / T)."""
-    bank = F.normalize(bank.float(), dim=1)
-    query = F.normalize(query.float(), dim=1)
-    bank_y = bank_y.to(bank.device)
-    num_classes = int(bank_y.max()) + 1
-    k = min(k, len(bank))
-    correct = 0
-    for i in range(0, len(query), 1024):
-        sim = query[i : i + 1024] @ bank.T
-        w, j = sim.topk(k, dim=1)
-        votes = torch.zeros(len(w), num_classes, device=bank.device)
-        votes.scatter_add_(1, bank_y[j], (w / temperature).exp())
-        correct += int((votes.argmax(1).cpu() == query_y[i : i + 1024].cpu()).sum())
-    return correct / max(1, len(query))
+    if not len(query):
+        return 0.0
+    sims, idx = knn_search(query, bank, k)
+    bank_y = bank_y.to(idx.device)
+    pred = weighted_knn_predict(sims, bank_y[idx], int(bank_y.max()) + 1, temperature)
+    return int((pred.cpu() == query_y.cpu()).sum()) / len(query)
 
 
 def encoder_knn(

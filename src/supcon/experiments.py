@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from supcon import dist
@@ -20,12 +21,21 @@ from supcon.checkpoint import save_weights
 from supcon.config import PHASES, Config, load_preset, set_values
 from supcon.datasets import ImageDataset, Split, load_split
 from supcon.errors import UsageError
-from supcon.evaluate import accuracy, encoder_knn, extract_features, predict
+from supcon.evaluate import accuracy, encoder_knn, extract_features, knn_accuracy, predict
 from supcon.longtail import group_report
 from supcon.loop import Diverged
 from supcon.models import load_phase_model
 from supcon.phases import pretrain, train_ce, train_linear
-from supcon.report import plot_curves, plot_tsne, write_report
+from supcon.report import (
+    confusion_matrix,
+    plot_confusion,
+    plot_curves,
+    plot_retrieval,
+    plot_tsne,
+    retrieval_section,
+    write_report,
+)
+from supcon.retrieval import knn_search, retrieval_metrics
 from supcon.rundir import Run, default_run_dir, open_run, read_config, read_metrics
 from supcon.runtime import resolve_runtime
 
@@ -55,11 +65,14 @@ def _classifier_name(cfg: Config) -> str:
     return f"{_encoder_use(cfg)} encoder + classifier"
 
 
-def _row(run: Run, name: str, model, data: ImageDataset, phases: list[str], test_acc=None) -> dict:
+def _predict(run: Run, data: ImageDataset, model) -> torch.Tensor | None:
+    """Test-set predictions (rank 0; None on the other ranks)."""
+    return predict(model, data.test_x, run.rt, data.norm) if dist.is_main() else None
+
+
+def _row(run: Run, name: str, pred, data: ImageDataset, phases: list[str], test_acc=None) -> dict:
     seconds = {p: [m["seconds"] for m in read_metrics(run.dir) if m["phase"] == p] for p in phases}
-    pred = None
-    if test_acc is None and dist.is_main():
-        pred = predict(model, data.test_x, run.rt, data.norm)
+    if pred is not None:
         test_acc = accuracy(pred, data.test_y)
     return {
         "experiment": name,
@@ -71,39 +84,127 @@ def _row(run: Run, name: str, model, data: ImageDataset, phases: list[str], test
     }
 
 
-def _tsne(run: Run, data: ImageDataset, encoders: dict) -> tuple[Path | str, float]:
-    n = min(len(data.test_y), 2000)
-    sel = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(run.cfg.seed))[:n].sort()
-    sel = sel.values
-    maps = {
-        name: extract_features(enc, data.test_x[sel], run.rt, data.norm).cpu().numpy()
+Features = dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder name -> (training, test) features
+
+
+def encoder_features(encoders: dict, data: ImageDataset, rt) -> Features:
+    """Each encoder's features [N, D] of the training and the test images (CPU), extracted once for
+    retrieval, its panel and the t-SNE map."""
+    return {
+        name: tuple(extract_features(enc, x, rt, data.norm).cpu() for x in (data.train_x, data.test_x))
         for name, enc in encoders.items()
     }
+
+
+KNN_TEMPERATURE = 0.07  # the retrieval rows' kNN (InstDisc's); the kNN monitor has its own setting
+
+
+def retrieval_block(feats: Features, data: ImageDataset) -> dict:
+    """Retrieval of each encoder: the test images as queries, the training images as the gallery."""
+    return {
+        "queries": f"the {len(data.test_y)} test images",
+        "gallery": f"the {len(data.train_y)} training images",
+        "features": "L2-normalised encoder features, cosine similarity",
+        "knn_temperature": KNN_TEMPERATURE,
+        "encoders": {
+            name: retrieval_metrics(test_f, data.test_y, train_f, data.train_y, knn_t=KNN_TEMPERATURE)
+            for name, (train_f, test_f) in feats.items()
+        },
+    }
+
+
+def _open_set(rt, data: ImageDataset, encoders: dict) -> dict | None:
+    """Retrieval among the classes no phase trained on (``data.exclude_classes``)."""
+    held = data.held_out
+    if held is None or not encoders:
+        return None
+    block = retrieval_block(encoder_features(encoders, held, rt), held)
+    names = sorted({held.classes[int(c)] for c in torch.unique(torch.cat([held.train_y, held.test_y]))})
+    return block | {"classes": names}
+
+
+def _sample(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def _tsne(run: Run, data: ImageDataset, feats: Features) -> tuple[Path | str, float]:
+    sel = _sample(data.test_y, min(len(data.test_y), 2000), run.cfg.seed)
+    maps = {name: test_f[sel].numpy() for name, (_, test_f) in feats.items()}
     t0 = time.perf_counter()
     path = plot_tsne(maps, data.test_y[sel].numpy(), data.classes, run.dir / "tsne.png", run.cfg.seed)
     return path, time.perf_counter() - t0
 
 
-def finish(run: Run, data: ImageDataset, title: str, rows: list[dict], encoders: dict) -> dict:
-    """Results, plots and report (rank 0). Returns the results dict."""
+def _retrieval_panel(run: Run, data: ImageDataset, feats: Features, queries: int = 6) -> Path | str:
+    """A few test queries (of different classes where there are enough) and their 8 nearest training
+    images, one panel per encoder."""
+    y_all = data.test_y.tolist()
+    perm = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(run.cfg.seed)).tolist()
+    by_class: dict[int, int] = {}
+    for i in perm:
+        by_class.setdefault(y_all[i], i)
+    picked = list(by_class.values())[:queries]
+    picked += [i for i in perm if i not in set(picked)][: queries - len(picked)]
+    sel = torch.tensor(sorted(picked, key=lambda i: (y_all[i], i)), dtype=torch.long)
+    panels = {
+        name: knn_search(test_f[sel], train_f, 8)[1].numpy() if len(sel) else np.zeros((0, 0), dtype=np.int64)
+        for name, (train_f, test_f) in feats.items()
+    }
+    x, y = data.test_x[sel].numpy(), data.test_y[sel].numpy()
+    return plot_retrieval(
+        panels, x, y, data.train_x.numpy(), data.train_y.numpy(), data.classes, run.dir / "retrieval.png"
+    )
+
+
+def finish(
+    run: Run,
+    data: ImageDataset,
+    title: str,
+    rows: list[dict],
+    encoders: dict,
+    predictions: dict[str, tuple[str, torch.Tensor]] | None = None,
+) -> dict:
+    """Results, plots and report (rank 0). ``predictions``: phase -> (classifier name, test-set
+    predictions) for the confusion matrices. Returns the results dict."""
     results = {"title": title, "dataset": data.summary(), "runtime": run.rt.describe(), "rows": rows}
     if not dist.is_main():
         return results
-    (run.dir / "results.json").write_text(json.dumps(results, indent=1))
     images = [run.dir / "views.png"] if (run.dir / "views.png").is_file() else []
     curves = plot_curves(read_metrics(run.dir), run.dir / "curves.png")
     if curves:
         images.append(curves)
+    sections = []
     if encoders:
-        path, seconds = _tsne(run, data, encoders)
+        feats = encoder_features(encoders, data, run.rt)
+        results["retrieval"] = retrieval_block(feats, data)
+        sections += retrieval_section(
+            "Retrieval (test images against the training set)", results["retrieval"]
+        )
+        open_set = _open_set(run.rt, data, encoders)
+        if open_set is not None:
+            results["retrieval_open_set"] = open_set
+            heading = f"Open-set retrieval (classes never trained on: {', '.join(open_set['classes'])})"
+            sections += retrieval_section(heading, open_set)
+        images.append(_retrieval_panel(run, data, feats))
+        path, seconds = _tsne(run, data, feats)
         images.append(path)
         results["tsne_seconds"] = round(seconds, 1)
+    for phase, (name, pred) in (predictions or {}).items():
+        matrix = confusion_matrix(pred.numpy(), data.test_y.numpy(), data.num_classes)
+        images.append(plot_confusion(matrix, data.classes, run.dir / f"confusion-{phase}.png", name))
+    (run.dir / "results.json").write_text(json.dumps(results, indent=1))
     summary = [
         f"- data: {data.summary()}",
         f"- config: `{run.cfg.name}` (resolved in `config.yaml`), seed {run.cfg.seed}",
         f"- runtime: {run.rt.describe()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
     ]
-    write_report(run.dir, title, summary, rows, images)
+    if data.held_out is not None:
+        held = data.held_out
+        summary.append(
+            f"- held out of training (data.exclude_classes): {len(held.train_y)} training and "
+            f"{len(held.test_y)} test images, evaluated as open-set retrieval only"
+        )
+    write_report(run.dir, title, summary, rows, images, sections=sections)
     return results
 
 
@@ -120,20 +221,23 @@ def compare(run: Run) -> dict:
     pre = _phase(run, data, "pretrain", lambda: pretrain(run, data, split))
     clf = _phase(run, data, "linear", lambda: train_linear(run, data, split, pre.encoder))
     name = f"{_method(run.cfg)} + {_encoder_use(run.cfg)} classifier"
+    preds = {"ce": ("cross-entropy", _predict(run, data, ce)), "linear": (name, _predict(run, data, clf))}
     rows = [
-        _row(run, "cross-entropy", ce, data, ["ce"]),
-        _row(run, name, clf, data, ["pretrain", "linear"]),
+        _row(run, "cross-entropy", preds["ce"][1], data, ["ce"]),
+        _row(run, name, preds["linear"][1], data, ["pretrain", "linear"]),
     ]
     encoders = {"cross-entropy encoder": ce.encoder, f"{_method(run.cfg)} encoder": pre.encoder}
-    return finish(run, data, f"supcon compare: {run.cfg.name} on {data.name}", rows, encoders)
+    title = f"supcon compare: {run.cfg.name} on {data.name}"
+    return finish(run, data, title, rows, encoders, preds)
 
 
 def train_ce_only(run: Run) -> dict:
     data, split = _load(run)
     ce = _phase(run, data, "ce", lambda: train_ce(run, data, split))
-    rows = [_row(run, "cross-entropy", ce, data, ["ce"])]
+    preds = {"ce": ("cross-entropy", _predict(run, data, ce))}
+    rows = [_row(run, "cross-entropy", preds["ce"][1], data, ["ce"])]
     title = f"supcon train-ce: {run.cfg.name} on {data.name}"
-    return finish(run, data, title, rows, {"cross-entropy encoder": ce.encoder})
+    return finish(run, data, title, rows, {"cross-entropy encoder": ce.encoder}, preds)
 
 
 def pretrain_only(run: Run) -> dict:
@@ -145,9 +249,9 @@ def pretrain_only(run: Run) -> dict:
         train, test = (split.train_x, split.train_y), (data.test_x, data.test_y)
         knn = encoder_knn(pre.encoder, train, test, run.rt, data.norm, cfg.knn_k, cfg.knn_temperature)
     name = f"{cfg.loss.method} pre-training (kNN, k={cfg.knn_k})"
-    rows = [_row(run, name, pre, data, ["pretrain"], test_acc=knn)]
+    rows = [_row(run, name, None, data, ["pretrain"], test_acc=knn)]
     title = f"supcon pretrain: {cfg.name} on {data.name}"
-    return finish(run, data, title, rows, {"encoder": pre.encoder})
+    return finish(run, data, title, rows, {f"{_method(cfg)} encoder": pre.encoder})
 
 
 def linear_only(run: Run, from_dir: Path) -> dict:
@@ -155,37 +259,52 @@ def linear_only(run: Run, from_dir: Path) -> dict:
     data, split = _load(run)
     pre = load_phase_model(run.cfg, data, "pretrain", from_dir / "weights" / "pretrain.safetensors")
     clf = _phase(run, data, "linear", lambda: train_linear(run, data, split, pre.encoder))
-    rows = [_row(run, _classifier_name(run.cfg), clf, data, ["linear"])]
-    return finish(run, data, f"supcon linear: {run.cfg.name} on {data.name}", rows, {})
+    preds = {"linear": (_classifier_name(run.cfg), _predict(run, data, clf))}
+    rows = [_row(run, preds["linear"][0], preds["linear"][1], data, ["linear"])]
+    return finish(run, data, f"supcon linear: {run.cfg.name} on {data.name}", rows, {}, preds)
 
 
-def evaluate_run(run_dir: Path, device: str = "auto") -> list[dict]:
-    """Test accuracy of every trained model in a run folder (and kNN of a pre-trained encoder)."""
+def evaluate(run_dir: Path, device: str = "auto", retrieval: bool = True) -> dict:
+    """What a run folder's weights give on the test set: ``rows`` (test accuracy of each classifier,
+    kNN of a pre-trained encoder) and, with ``retrieval``, the ``retrieval`` (and for a run with
+    ``data.exclude_classes``, ``retrieval_open_set``) blocks of its encoders, as in ``results.json``."""
     cfg = read_config(run_dir)
     rt = resolve_runtime(device, cfg.precision, cfg.channels_last)
     data, _ = load_split(cfg.data, cfg.seed)
     w = run_dir / "weights"
     names = {"ce": "cross-entropy", "linear": _classifier_name(cfg)}
-    out = []
+    rows, encoders = [], {}
     for phase in ("ce", "linear"):
         if (w / f"{phase}.safetensors").is_file():
             m = load_phase_model(cfg, data, phase, w / f"{phase}.safetensors").to(rt.device)
-            out.append(
-                {
-                    "experiment": names[phase],
-                    "test_acc": accuracy(predict(m, data.test_x, rt, data.norm), data.test_y),
-                }
-            )
+            acc = accuracy(predict(m, data.test_x, rt, data.norm), data.test_y)
+            rows.append({"experiment": names[phase], "test_acc": acc})
+            if phase == "ce":
+                encoders["cross-entropy encoder"] = m.encoder
+    feats: Features = {}
     if (w / "pretrain.safetensors").is_file():
         pre = load_phase_model(cfg, data, "pretrain", w / "pretrain.safetensors").to(rt.device)
-        acc = encoder_knn(
-            pre.encoder, (data.train_x, data.train_y), (data.test_x, data.test_y), rt, data.norm, cfg.knn_k,
-            cfg.knn_temperature,
-        )  # fmt: skip
-        out.append({"experiment": f"pre-trained encoder, kNN (k={cfg.knn_k})", "test_acc": acc})
-    if not out:
+        name = f"{_method(cfg)} encoder"
+        feats = encoder_features({name: pre.encoder}, data, rt)
+        train_f, test_f = feats[name]
+        acc = knn_accuracy(train_f, data.train_y, test_f, data.test_y, cfg.knn_k, cfg.knn_temperature)
+        rows.append({"experiment": f"pre-trained encoder, kNN (k={cfg.knn_k})", "test_acc": acc})
+        encoders[name] = pre.encoder
+    if not rows:
         raise UsageError(f"no trained weights in {w}")
+    out: dict = {"rows": rows}
+    if retrieval and encoders:
+        feats |= encoder_features({k: v for k, v in encoders.items() if k not in feats}, data, rt)
+        out["retrieval"] = retrieval_block({k: feats[k] for k in encoders}, data)
+        open_set = _open_set(rt, data, encoders)
+        if open_set is not None:
+            out["retrieval_open_set"] = open_set
     return out
+
+
+def evaluate_run(run_dir: Path, device: str = "auto") -> list[dict]:
+    """The test accuracy rows of :func:`evaluate` (no retrieval)."""
+    return evaluate(run_dir, device, retrieval=False)["rows"]
 
 
 @dataclass(frozen=True)
@@ -210,7 +329,7 @@ COMMANDS: dict[str, Command] = {
         needs_from=True,
     ),
     "eval": Command(
-        "test accuracy (and kNN) of the models in a run folder (--from DIR)",
+        "test accuracy (and kNN) of the models in a run folder, retrieval of its encoders (--from DIR)",
         (),
         trains=False,
         needs_from=True,
@@ -261,7 +380,7 @@ def run(
 
     The config starts from ``preset`` (default keras-example), or for ``linear`` from the config of
     the ``from_dir`` run, or on ``resume`` from the saved one. Returns the results dict (also
-    written to ``<out>/results.json``); ``eval`` returns ``{"rows": [...]}``. Process-wide CPU
+    written to ``<out>/results.json``); ``eval`` returns :func:`evaluate`'s dict. Process-wide CPU
     settings (:func:`supcon.runtime.tune_cpu`) apply only with ``overrides={"tune_cpu": True}``.
     """
     if command not in COMMANDS:
@@ -271,7 +390,7 @@ def run(
     if spec.needs_from and from_dir is None:
         raise UsageError(f"{command} needs from_dir (a finished run folder)")
     if not spec.trains:
-        return {"rows": evaluate_run(from_dir, device)}
+        return evaluate(from_dir, device)
     run_dir = Path(out) if out is not None else default_run_dir(command)
     cfg = base_config(command, preset, run_dir if resume else None, from_dir)
     set_values(cfg, overrides or {})
@@ -301,6 +420,7 @@ def base_config(command: str, preset: str | None, resume_dir: Path | None, from_
 __all__ = [
     "COMMANDS",
     "compare",
+    "evaluate",
     "evaluate_run",
     "finish",
     "linear_only",

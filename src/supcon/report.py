@@ -1,4 +1,5 @@
-"""Run reports: the terminal table, a Markdown report, and PNG plots (curves, t-SNE maps)."""
+"""Run reports: the terminal tables, a Markdown report, and PNG plots (curves, t-SNE maps, retrieval
+panels, confusion matrices)."""
 
 from __future__ import annotations
 
@@ -158,6 +159,211 @@ def _draw_tsne(
     plt.close(fig)
 
 
+RETRIEVAL_COLUMNS = {
+    "precision@1": "P@1",
+    "r_precision": "R-precision",
+    "map@r": "MAP@R",
+    "recall@1": "R@1",
+    "recall@5": "R@5",
+    "recall@10": "R@10",
+    "knn@20": "kNN@20",
+    "knn@200": "kNN@200",
+}
+
+
+def retrieval_table(metrics: dict[str, dict[str, float]]) -> str:
+    """``{encoder: retrieval_metrics(...)}`` as an aligned text/Markdown table, in percent (NaN: n/a)."""
+    keys = list(dict.fromkeys(k for m in metrics.values() for k in m))
+    head = ["encoder", *(RETRIEVAL_COLUMNS.get(k, k) for k in keys)]
+    body = [
+        [name, *(f"{100 * m[k]:.2f}" if np.isfinite(m.get(k, np.nan)) else "n/a" for k in keys)]
+        for name, m in metrics.items()
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=False)]
+    fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
+    lines = [fmt.format(*head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return "\n".join(lines + [fmt.format(*b) for b in body])
+
+
+def retrieval_section(heading: str, block: dict) -> list[str]:
+    """Markdown lines for a retrieval block (``experiments.retrieval_block``): what was searched, a table."""
+    return [
+        f"## {heading}",
+        "",
+        f"Queries: {block['queries']}; gallery: {block['gallery']}; {block['features']}. "
+        "P@1, R-precision and MAP@R as pytorch-metric-learning's AccuracyCalculator (queries without "
+        "a relevant gallery item left out); R@k: any of the k nearest shares the label; kNN@k: weighted "
+        f"vote exp(sim / {block.get('knn_temperature', 0.07)}). Values in percent.",
+        "",
+        retrieval_table(block["encoders"]),
+        "",
+    ]
+
+
+def evaluation_text(results: dict) -> str:
+    """``supcon eval``'s output: one line per model, then the retrieval tables."""
+    lines = [f"{r['experiment']}: {100 * r['test_acc']:.2f}%" for r in results["rows"]]
+    for key, heading in (("retrieval", "retrieval"), ("retrieval_open_set", "open-set retrieval")):
+        if key in results:
+            block = results[key]
+            lines += ["", f"{heading}: {block['queries']} against {block['gallery']} (percent)"]
+            lines.append(retrieval_table(block["encoders"]))
+    return "\n".join(lines)
+
+
+# Beyond this many classes, tick labels would overlap: the matrix is drawn without them.
+CONFUSION_MAX_LABELS = 20
+
+
+def confusion_matrix(pred: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
+    """[C, C]: row = true class, column = predicted class, each row normalised to sum 1 (the share of
+    that class's images given each prediction); a class without images has a row of zeros."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.float64)
+    np.add.at(counts, (np.asarray(y, dtype=np.int64), np.asarray(pred, dtype=np.int64)), 1.0)
+    return counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
+
+
+def confusion_tick_labels(classes: list[str]) -> list[str]:
+    """The axis labels of a confusion matrix: the class names, none beyond CONFUSION_MAX_LABELS."""
+    return [display_name(c, 16) for c in classes] if len(classes) <= CONFUSION_MAX_LABELS else []
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> Path | str:
+    """A confusion matrix (``confusion_matrix``) as a heat map, shares written in the cells up to
+    CONFUSION_MAX_LABELS classes. Returns the PNG's path, or a one-line reason it was not drawn."""
+    if matrix.size == 0 or not matrix.any():
+        return f"confusion matrix of {title} not drawn: no test predictions"
+    try:
+        _draw_confusion(matrix, classes, path, title)
+    except Exception as e:  # a plot is never worth losing the run's report
+        plt.close("all")
+        return f"confusion matrix of {title} not drawn: {_why(e)}"
+    return path
+
+
+def _draw_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    n = len(matrix)
+    labels = confusion_tick_labels(classes)
+    side = 4.5 + (0.3 * n if labels else 2.0)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    im = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if labels:
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=8)
+        ax.set_yticks(range(n), labels, fontsize=8)
+        for i, j in zip(*np.nonzero(matrix >= 0.005), strict=True):
+            color = "white" if matrix[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set(xlabel="predicted class", ylabel="true class", title=f"{display_name(title, 60)}: test set")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+FRAME_QUERY, FRAME_RIGHT, FRAME_WRONG = (40, 90, 200), (0, 150, 60), (220, 0, 0)
+
+
+def retrieval_mosaic(
+    query_x: np.ndarray,
+    query_y: np.ndarray,
+    gallery_x: np.ndarray,
+    gallery_y: np.ndarray,
+    neighbours: np.ndarray,
+    tile: int = 48,
+    border: int = 3,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row per query: the query (framed blue), a gap, then its neighbours in order, framed green
+    when they share its label and red when not.
+
+    ``query_x`` [Q, H, W, C] and ``gallery_x`` uint8 images, ``neighbours`` [Q, k] gallery indices.
+    Returns the image [rows, cols, 3] uint8 (white background), ``wrong`` [Q, k] bool (red frames),
+    and ``boxes`` [Q, k + 1, 4] (top, left, bottom, right; bottom/right exclusive) of each framed
+    cell, the query's first.
+    """
+    from PIL import Image
+
+    q, k = neighbours.shape
+    cell, gap, caption = tile + 2 * border, 6, 16
+    wrong = gallery_y[neighbours] != query_y[:, None]
+    boxes = np.zeros((q, k + 1, 4), dtype=np.int64)
+    for r in range(q):
+        for c in range(k + 1):
+            top, left = r * (cell + caption), c * (cell + gap) + (3 * gap if c else 0)
+            boxes[r, c] = (top, left, top + cell, left + cell)
+    out = np.full((q * (cell + caption), int(boxes[..., 3].max()), 3), 255, dtype=np.uint8)
+
+    def paste(img: np.ndarray, box: np.ndarray, frame: tuple[int, int, int]) -> None:
+        img = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[..., :3]
+        small = np.asarray(Image.fromarray(img).resize((tile, tile), Image.NEAREST))
+        top, left, bottom, right = box
+        out[top:bottom, left:right] = frame
+        out[top + border : bottom - border, left + border : right - border] = small
+
+    for r in range(q):
+        paste(query_x[r], boxes[r, 0], FRAME_QUERY)
+        for c in range(k):
+            paste(gallery_x[neighbours[r, c]], boxes[r, c + 1], FRAME_WRONG if wrong[r, c] else FRAME_RIGHT)
+    return out, wrong, boxes
+
+
+def plot_retrieval(
+    panels: dict[str, np.ndarray],
+    query_x: np.ndarray,
+    query_y: np.ndarray,
+    gallery_x: np.ndarray,
+    gallery_y: np.ndarray,
+    classes: list[str],
+    path: Path,
+) -> Path | str:
+    """Side by side, one panel per encoder (``panels``: name -> neighbours [Q, k] into the gallery):
+    the same queries with their nearest gallery images (``retrieval_mosaic``), class names as
+    captions. Returns the PNG's path, or a one-line reason it was not drawn."""
+    if not panels or not len(query_y):
+        return "retrieval panel not drawn: no queries"
+    if not all(n.size for n in panels.values()):
+        return "retrieval panel not drawn: the gallery is empty"
+    try:
+        _draw_retrieval(panels, query_x, query_y, gallery_x, gallery_y, classes, path)
+    except Exception as e:  # a plot is never worth losing the run's report
+        plt.close("all")
+        return f"retrieval panel not drawn: {_why(e)}"
+    return path
+
+
+def _draw_retrieval(panels, query_x, query_y, gallery_x, gallery_y, classes, path) -> None:
+    mosaics = {
+        name: retrieval_mosaic(query_x, query_y, gallery_x, gallery_y, nn) for name, nn in panels.items()
+    }
+    h, w = next(iter(mosaics.values()))[0].shape[:2]
+    dpi = 100
+    fig, axes = plt.subplots(
+        1, len(mosaics), figsize=(len(mosaics) * (w + 40) / dpi, (h + 60) / dpi), squeeze=False
+    )
+    for ax, (name, (img, _, boxes)) in zip(axes[0], mosaics.items(), strict=True):
+        ax.imshow(img, interpolation="nearest")
+        for r in range(len(boxes)):
+            labels = [query_y[r], *gallery_y[panels[name][r]]]
+            for (_, left, bottom, right), y in zip(boxes[r], labels, strict=True):
+                ax.text(
+                    (left + right) / 2,
+                    bottom + 1,
+                    display_name(classes[int(y)], 10),
+                    ha="center",
+                    va="top",
+                    fontsize=6,
+                )
+        ax.set_title(
+            f"{display_name(name, 60)}: query | nearest training images (red: other class)", fontsize=8
+        )
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def display_name(name: object, limit: int = 40) -> str:
     """``name`` as matplotlib shows it literally: ``$`` escaped (mathtext), control characters
     dropped, a leading ``_`` kept visible (legends hide such labels), at most ``limit`` characters."""
@@ -182,9 +388,11 @@ def write_report(
     rows: list[dict],
     images: list[Path | str],
     notes: list[str] | None = None,
+    sections: list[str] | None = None,
 ) -> Path:
     """``report.md`` in ``run_dir``. ``images`` may hold, in place of a plot, the reason it was not
     drawn (what ``plot_tsne`` and ``plot_curves`` return then); these and ``notes`` are listed as notes.
+    ``sections``: Markdown lines after the results (e.g. ``retrieval_section``).
     """
     notes = [*(i for i in images if isinstance(i, str)), *(notes or [])]
     images = [i for i in images if not isinstance(i, str)]
@@ -204,6 +412,7 @@ def write_report(
             + f", {mean_s:.2f} s/epoch"
         )
     lines.append("")
+    lines += sections or []
     for img in images:
         lines += [f"![{img.stem}]({img.name})", ""]
     if notes:

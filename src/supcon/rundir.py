@@ -7,6 +7,7 @@ writes into it, the folder is locked (``supcon.runlock``): a second writer is re
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -54,12 +55,28 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-class RunLog:
-    """``metrics.jsonl``: one JSON line per epoch, appended as the epoch ends (rank 0 writes)."""
+def summary_writer_class():
+    """TensorBoard's ``SummaryWriter``, or a UsageError naming the extra that installs it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError("tensorboard logging needs tensorboard: pip install 'supcon[tensorboard]'") from None
+    return SummaryWriter
 
-    def __init__(self, run_dir: Path):
+
+class RunLog:
+    """``metrics.jsonl``: one JSON line per epoch, appended as the epoch ends (rank 0 writes).
+
+    With ``tensorboard``, every number of a record is also a TensorBoard scalar
+    ``<phase>/<key>`` at step ``epoch``, in ``RUN/tensorboard/`` (the writer opens on the first
+    record; :meth:`close` flushes it).
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False):
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
+        self.tensorboard = tensorboard
+        self._writer = None
 
     def epochs(self, phase: str) -> list[dict]:
         return [r for r in read_metrics(self.run_dir) if r.get("phase") == phase]
@@ -72,6 +89,26 @@ class RunLog:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
             raise UsageError(f"cannot write {self.path}: {e.strerror or e}") from None
+        if self.tensorboard:
+            self._scalars(record)
+
+    def _scalars(self, record: dict) -> None:
+        if self._writer is None:
+            self._writer = summary_writer_class()(log_dir=str(self.run_dir / "tensorboard"))
+        phase, step = record.get("phase", "run"), record.get("epoch", 0)
+        for key, value in record.items():
+            if (
+                key not in ("phase", "epoch")
+                and isinstance(value, int | float)
+                and not isinstance(value, bool)
+            ):
+                self._writer.add_scalar(f"{phase}/{key}", value, step)
+        self._writer.flush()  # a record is an epoch: rare enough to flush each time
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def truncate(self, phase: str, epochs: int) -> None:
         """Drop lines of ``phase`` past ``epochs`` (written after the checkpoint a resume starts from)."""
@@ -96,9 +133,9 @@ class Run:
     stop: StopFlag = field(default_factory=StopFlag)
     lock: object | None = None
 
-    @property
+    @functools.cached_property
     def log(self) -> RunLog:
-        return RunLog(self.dir)
+        return RunLog(self.dir, tensorboard=self.cfg.tensorboard)
 
     @property
     def checkpoints(self) -> Path:
@@ -108,6 +145,7 @@ class Run:
         return self.dir / "weights" / f"{phase}.safetensors"
 
     def close(self) -> None:
+        self.log.close()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -168,6 +206,8 @@ def open_run(
     """Validate, lock and prepare the run folder (rank 0), resolve the runtime. ``device`` overrides
     ``cfg.device`` for this process only (each rank's own GPU); it is not part of the saved config."""
     validate(cfg)
+    if cfg.tensorboard and dist.is_main():
+        summary_writer_class()  # missing tensorboard fails now, not after the first epoch
     rt = resolve_runtime(device or cfg.device, cfg.precision, cfg.channels_last, cfg.deterministic)
     lock = _lock(run_dir)
     try:
