@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from supcon import dist
 from supcon.checkpoint import load_weights
 from supcon.config import Config
 from supcon.datasets import ImageDataset
 from supcon.encoders import build_encoder
 from supcon.heads import DropoutDenseHead, LinearHead, ProjectionHead
+from supcon.pretrained import load_pretrained
 from supcon.runtime import Runtime
 
 
@@ -42,16 +44,22 @@ class ContrastiveModel(nn.Module):
         return self.projection(self.encoder(x))
 
 
-def build_encoder_for(cfg: Config, data: ImageDataset) -> nn.Module:
+def build_encoder_for(cfg: Config, data: ImageDataset, pretrained: bool = False) -> nn.Module:
+    """The encoder of ``cfg`` for ``data``'s images; with ``pretrained``, starting from the weights
+    of ``model.pretrained`` when set (a phase that trains; a finished phase's saved weights need not)."""
     m = cfg.model
-    return build_encoder(
+    encoder = build_encoder(
         m.encoder,
         in_channels=data.channels,
         image_size=data.image_size,
         feature_dim=m.feature_dim,
         width=m.width,
         blocks=m.blocks,
+        stem=m.stem,
     )
+    if pretrained and m.pretrained is not None:
+        load_pretrained(encoder, m.pretrained, verbose=dist.is_main())
+    return encoder
 
 
 def build_head(cfg: Config, in_dim: int, num_classes: int) -> nn.Module:
@@ -74,14 +82,17 @@ def build_projection(cfg: Config, in_dim: int) -> nn.Module:
     )
 
 
-def build_classifier(cfg: Config, data: ImageDataset, encoder: nn.Module | None = None) -> Classifier:
-    """A classifier for ``data``: on ``encoder`` when given, else on a fresh one."""
-    encoder = encoder if encoder is not None else build_encoder_for(cfg, data)
+def build_classifier(
+    cfg: Config, data: ImageDataset, encoder: nn.Module | None = None, pretrained: bool = False
+) -> Classifier:
+    """A classifier for ``data``: on ``encoder`` when given, else on a fresh one (``pretrained``: see
+    :func:`build_encoder_for`)."""
+    encoder = encoder if encoder is not None else build_encoder_for(cfg, data, pretrained)
     return Classifier(encoder, build_head(cfg, encoder.feature_dim, data.num_classes))
 
 
-def build_contrastive(cfg: Config, data: ImageDataset) -> ContrastiveModel:
-    encoder = build_encoder_for(cfg, data)
+def build_contrastive(cfg: Config, data: ImageDataset, pretrained: bool = False) -> ContrastiveModel:
+    encoder = build_encoder_for(cfg, data, pretrained)
     return ContrastiveModel(encoder, build_projection(cfg, encoder.feature_dim))
 
 

@@ -117,14 +117,15 @@ def _train_classifier(name: str, model: Classifier, run: Run, data: ImageDataset
 
 def train_ce(run: Run, data: ImageDataset, split: Split) -> Classifier:
     """Experiment 1: encoder and classifier trained together with softmax cross-entropy."""
-    return _train_classifier("ce", to_device(build_classifier(run.cfg, data), run.rt), run, data, split)
+    model = build_classifier(run.cfg, data, pretrained=True)
+    return _train_classifier("ce", to_device(model, run.rt), run, data, split)
 
 
 def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
     """Experiment 2a: contrastive pre-training of the encoder (SupCon with labels, SimCLR without)."""
     cfg, rt = run.cfg, run.rt
     pc = cfg.pretrain
-    model = to_device(build_contrastive(cfg, data), rt)
+    model = to_device(build_contrastive(cfg, data, pretrained=True), rt)
     net = wrap_ddp(model, run)
     augment = build_augment(pc.augment, data.norm)
     views = pc.views
