@@ -157,3 +157,34 @@ def test_match_names_keeps_a_models_own_prefix():
     names = {"model.weight", "encoder.bias"}
     assert match_names({"model.weight": t, "encoder.bias": t}, names).keys() == names
     assert match_names({"module.model.weight": t}, names).keys() == {"model.weight"}
+
+
+@pytest.mark.slow
+def test_a_run_starts_from_the_file_and_keeps_what_is_frozen(tmp_path, capsys):
+    # train-ce through the loop (which calls train() every epoch): with the whole encoder frozen
+    # (stem + 2 stages, BatchNorm too) the saved encoder is exactly the file's.
+    from safetensors.torch import load_file
+
+    import supcon
+    from supcon.datasets import load_dataset
+
+    data = load_dataset("digits")
+    src = small(stem="cifar", seed=5, in_channels=data.channels)  # not the run's seed-0 initial weights
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "w.pth")
+    overrides = {
+        "data.dataset": "digits",
+        "model.encoder": "resnet18",
+        "model.width": 4,
+        "model.blocks": [1, 1],
+        "model.pretrained": str(tmp_path / "w.pth"),
+        "ce.epochs": 1,
+        "ce.batch_size": 512,
+        "ce.freeze_stages": 3,
+        "ce.freeze_bn": True,
+        "precision": "fp32",
+    }
+    supcon.run("train-ce", out=tmp_path / "run", overrides=overrides, progress=False)
+    assert f"loaded {len(src.state_dict())} encoder tensors" in capsys.readouterr().out
+    saved = load_file(str(tmp_path / "run" / "weights" / "ce.safetensors"))
+    for k, v in src.state_dict().items():
+        assert torch.equal(saved[f"encoder.{k}"], v), k

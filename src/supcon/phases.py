@@ -22,7 +22,14 @@ from supcon.datasets import ImageDataset, Normalize, Split
 from supcon.evaluate import accuracy, encoder_knn, extract_features, predict
 from supcon.loop import Phase, StepOut, ddp_global, ddp_share, fit
 from supcon.loss import supcon_loss
-from supcon.models import Classifier, ContrastiveModel, build_classifier, build_contrastive, to_device
+from supcon.models import (
+    Classifier,
+    ContrastiveModel,
+    build_classifier,
+    build_contrastive,
+    to_device,
+    trainable_params,
+)
 from supcon.rundir import Run
 from supcon.runtime import Runtime
 
@@ -95,6 +102,7 @@ def _val_acc(model: nn.Module, split: Split, data: ImageDataset, rt: Runtime) ->
 def _train_classifier(name: str, model: Classifier, run: Run, data: ImageDataset, split: Split) -> Classifier:
     """Encoder and classifier trained together with cross-entropy (experiment 1, fine-tuning)."""
     pc, rt = getattr(run.cfg, name), run.rt
+    params = trainable_params(model, pc, name)  # freezes first: DDP registers what needs a gradient
     net = wrap_ddp(model, run)
     augment = build_augment(pc.augment, data.norm)
     train = training_data(split, rt)
@@ -107,7 +115,6 @@ def _train_classifier(name: str, model: Classifier, run: Run, data: ImageDataset
         loss = _ce(logits, y)
         return StepOut(loss, ddp_share(loss, len(idx), n_global), (logits.argmax(1) == y).sum())
 
-    params = list(model.parameters())
     fit(
         Phase(name, pc, model, params, step, len(split.train_y), lambda e: _val_acc(model, split, data, rt)),
         run,
@@ -126,6 +133,7 @@ def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
     cfg, rt = run.cfg, run.rt
     pc = cfg.pretrain
     model = to_device(build_contrastive(cfg, data, pretrained=True), rt)
+    params = trainable_params(model, pc, "pretrain")
     net = wrap_ddp(model, run)
     augment = build_augment(pc.augment, data.norm)
     views = pc.views
@@ -163,7 +171,7 @@ def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
         )
         return {key: round(acc, 6)}
 
-    fit(Phase("pretrain", pc, model, list(model.parameters()), step, len(split.train_y), monitor), run)
+    fit(Phase("pretrain", pc, model, params, step, len(split.train_y), monitor), run)
     return model
 
 
