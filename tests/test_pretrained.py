@@ -188,3 +188,25 @@ def test_a_run_starts_from_the_file_and_keeps_what_is_frozen(tmp_path, capsys):
     saved = load_file(str(tmp_path / "run" / "weights" / "ce.safetensors"))
     for k, v in src.state_dict().items():
         assert torch.equal(saved[f"encoder.{k}"], v), k
+
+
+def test_the_flag_and_the_config_reach_the_encoder(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from supcon.cli import build_parser, resolve_config
+    from supcon.models import build_classifier, build_encoder_for
+
+    src = small(stem="imagenet", seed=3)
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    args = ["train-ce", "--pretrained", str(tmp_path / "w.pt"), "--encoder", "resnet18"]
+    args += ["--set", "model.width=4", "--set", "model.blocks=[1, 1]"]
+    cfg = resolve_config(build_parser().parse_args(args))
+    assert cfg.model.pretrained == str(tmp_path / "w.pt") and cfg.model.stem == "auto"
+    data = SimpleNamespace(channels=3, image_size=64, num_classes=3)  # 64 px: the ImageNet stem
+    assert_same(build_classifier(cfg, data, pretrained=True).encoder, src)
+    # Without pretrained=True (a finished phase's model, loaded from its own weights) the file is not read.
+    fresh = build_encoder_for(cfg, data)
+    assert fresh.stem == "imagenet" and not torch.equal(fresh.conv1.weight, src.conv1.weight)
+    cfg.model.stem = "cifar"
+    with pytest.raises(UsageError, match="shapes differ"):
+        build_encoder_for(cfg, data, pretrained=True)
