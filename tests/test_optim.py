@@ -231,3 +231,148 @@ def test_unknown_schedule_and_bad_values():
         build_scheduler(opt, "cosine", total_steps=0)
     with pytest.raises(UsageError, match="min_lr_ratio"):
         build_scheduler(opt, "cosine", total_steps=10, min_lr_ratio=2.0)
+
+
+# ---------------------------------------------------------------------------- fine-tuning conventions
+
+
+def _classifier(encoder="resnet18", seed=0):
+    from supcon.encoders import build_encoder
+    from supcon.heads import LinearHead
+    from supcon.models import Classifier
+
+    torch.manual_seed(seed)
+    enc = build_encoder(encoder, width=4, blocks=[1, 1], stem="cifar", image_size=12, feature_dim=8)
+    return Classifier(enc, LinearHead(enc.feature_dim, 3))
+
+
+def _phase(**kw):
+    from supcon.config import PhaseConfig
+
+    return PhaseConfig(optimizer="sgd", momentum=0.0, lr=0.1, **kw)
+
+
+def _backward(model):
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 3, 12, 12, generator=g), torch.tensor([0, 1, 2] * 2)
+    model.train()
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+def _sgd_step(model, params, pc):
+    opt = build_optimizer(params, "sgd", lr=pc.lr, momentum=0.0, weight_decay=pc.weight_decay)
+    opt.zero_grad()
+    _backward(model)
+    opt.step()
+    return opt
+
+
+def test_defaults_give_exactly_todays_parameter_list():
+    from supcon.models import trainable_params
+
+    model = _classifier()
+    params = trainable_params(model, _phase())
+    assert len(params) == len(list(model.parameters()))
+    assert all(a is b for a, b in zip(params, model.parameters(), strict=True))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_backbone_lr_scale_matches_a_reference_step():
+    from supcon.models import trainable_params
+
+    pc = _phase(backbone_lr_scale=0.1, weight_decay=0.01)
+    model, ref = _classifier(), _classifier()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = _sgd_step(model, trainable_params(model, pc), pc)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1, pytest.approx(0.01), pytest.approx(0.01)]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0, 0.01, 0.0]
+    # The reference: plain SGD on the same loss, each parameter's update written out.
+    _backward(ref)  # the same gradients
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        lr = 0.1 * (0.1 if name.startswith("encoder.") else 1.0)
+        wd = 0.01 if p.ndim > 1 else 0.0
+        expected = before[name] - lr * (q.grad + wd * before[name])
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_schedules_keep_the_backbone_ratio():
+    from supcon.models import trainable_params
+
+    model = _classifier()
+    opt = build_optimizer(trainable_params(model, _phase(backbone_lr_scale=0.25)), "adamw", lr=1.0)
+    sched = build_scheduler(opt, "cosine", total_steps=10, warmup_steps=2)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+        head, body = sched.get_last_lr()[0], sched.get_last_lr()[-1]
+        assert head == pytest.approx(Schedule("cosine", 10, 2)(sched.last_epoch))
+        assert body == pytest.approx(0.25 * head)
+
+
+def test_freeze_bn_survives_train_and_keeps_statistics_and_affine():
+    from supcon.models import trainable_params
+
+    pc = _phase(freeze_bn=True)
+    model = _classifier()
+    bns = [m for m in model.encoder.modules() if isinstance(m, nn.BatchNorm2d)]
+    stats = [(m.running_mean.clone(), m.running_var.clone(), m.weight.detach().clone()) for m in bns]
+    conv_before = model.encoder.conv1.weight.detach().clone()
+    params = trainable_params(model, pc)
+    model.train()  # what the loop does every epoch
+    assert model.training and model.head.training and not any(m.training for m in bns)
+    assert not any(m.weight.requires_grad or m.bias.requires_grad for m in bns)
+    _sgd_step(model, params, pc)
+    for m, (mean, var, w) in zip(bns, stats, strict=True):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+        assert torch.equal(m.weight, w) and int(m.num_batches_tracked) == 0
+    assert not torch.equal(model.encoder.conv1.weight, conv_before)
+    model.eval()
+    model.train(True)
+    assert not any(m.training for m in bns)
+
+
+def test_freeze_stages_freezes_the_stem_and_first_stages():
+    from supcon.models import trainable_params
+
+    pc = _phase(freeze_stages=2)  # the stem and layer1
+    model = _classifier()
+    enc = model.encoder
+    frozen = {
+        k: v.detach().clone()
+        for k, v in enc.named_parameters()
+        if k.split(".")[0] in {"conv1", "bn1", "layer1"}
+    }
+    assert len(frozen) == 2 + 1 + 6  # conv1, bn1 (2), layer1.0: 2 convs, 2 BNs (2 each)
+    layer2 = enc.layer2[0].conv1.weight.detach().clone()
+    _sgd_step(model, trainable_params(model, pc), pc)
+    for k, v in enc.named_parameters():
+        assert v.requires_grad == (k not in frozen), k
+        if k in frozen:
+            assert torch.equal(v, frozen[k]), k
+    assert not enc.bn1.training and not enc.layer1[0].bn2.training and enc.layer2[0].bn1.training
+    assert int(enc.bn1.num_batches_tracked) == 0 and int(enc.layer2[0].bn1.num_batches_tracked) == 1
+    assert not torch.equal(enc.layer2[0].conv1.weight, layer2)
+
+
+def test_freeze_stages_needs_a_resnet_and_a_stage_count_it_has():
+    from supcon.models import trainable_params
+
+    with pytest.raises(UsageError, match="ce.freeze_stages: only the ResNet encoders"):
+        trainable_params(_classifier("keras-cnn"), _phase(freeze_stages=1), "ce")
+    with pytest.raises(UsageError, match="freeze_stages=4: this encoder has a stem and 2 stages"):
+        trainable_params(_classifier(), _phase(freeze_stages=4), "ce")
+    # Everything frozen but the head: still a valid optimisation.
+    model = _classifier()
+    params = trainable_params(model, _phase(freeze_stages=3, backbone_lr_scale=0.5))
+    assert [p for g in params for p in g["params"]] == list(model.head.parameters())
+
+
+def test_linear_probe_refuses_finetuning_options():
+    from supcon.config import Config, validate
+
+    cfg = Config()
+    cfg.linear.freeze_bn = True
+    with pytest.raises(UsageError, match="linear probe freezes all of it"):
+        validate(cfg)
+    cfg.linear.finetune = True
+    validate(cfg)

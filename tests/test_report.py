@@ -67,6 +67,15 @@ def test_tsne_of_non_finite_features_gives_a_reason(tmp_path):
     assert why == "t-SNE map not drawn: the features contain NaN or infinite values"
 
 
+def test_tsne_of_constant_features_gives_a_reason(tmp_path):
+    feats = np.ones((20, 4), dtype=np.float32)
+    why = plot_tsne(
+        {"ce": _features(20), "dead": feats}, np.zeros(20, dtype=np.int64), ["a"], tmp_path / "t.png"
+    )
+    assert why == "t-SNE map not drawn: an encoder gives every image the same features"
+    assert not (tmp_path / "t.png").exists()
+
+
 def test_tsne_draws_the_smallest_allowed_set_and_odd_class_names(tmp_path):
     classes = ["$\\foo$", "x$^$y", "_hidden", "bell\x07\ttab", "n" * 500, "\U0001f600 grin", "a$b", ""]
     n = 10

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from supcon.encoders import ENCODERS, build_encoder
 from supcon.errors import UsageError
@@ -193,3 +194,92 @@ def test_narrow_strided_shortcut_is_rerouted_with_the_same_results(size):
         assert conv(x).dtype == torch.bfloat16  # autocast applies as before
     # The state-dict keys of nn.Conv2d, so the authors' weights still load by name.
     assert "layer2.0.shortcut.0.weight" in narrow.state_dict()
+
+
+# ---------------------------------------------------------------------------- ImageNet stem
+
+TORCHVISION_PLAN = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3))}
+
+
+def _bn(prefix: str, c: int) -> dict[str, tuple[int, ...]]:
+    stats = ("weight", "bias", "running_mean", "running_var")
+    return {f"{prefix}.{k}": (c,) for k in stats} | {f"{prefix}.num_batches_tracked": ()}
+
+
+def torchvision_keys(depth: int) -> dict[str, tuple[int, ...]]:
+    """torchvision's ``resnet{depth}().state_dict()`` without ``fc``: key -> shape, written out from its
+    architecture (conv1 7x7, layerN.M.{conv,bn}K, downsample.0 conv / .1 BN on each stage's first block)."""
+    kind, blocks = TORCHVISION_PLAN[depth]
+    keys = {"conv1.weight": (64, 3, 7, 7), **_bn("bn1", 64)}
+    inp, expansion = 64, 4 if kind == "bottleneck" else 1
+    for stage, n in enumerate(blocks):
+        planes = 64 * 2**stage
+        for j in range(n):
+            p = f"layer{stage + 1}.{j}"
+            if kind == "basic":
+                convs = [(planes, inp, 3, 3), (planes, planes, 3, 3)]
+            else:
+                convs = [(planes, inp, 1, 1), (planes, planes, 3, 3), (planes * 4, planes, 1, 1)]
+            for k, shape in enumerate(convs, 1):
+                keys[f"{p}.conv{k}.weight"] = shape
+                keys |= _bn(f"{p}.bn{k}", shape[0])
+            if j == 0 and (stage > 0 or inp != planes * expansion):
+                keys[f"{p}.downsample.0.weight"] = (planes * expansion, inp, 1, 1)
+                keys |= _bn(f"{p}.downsample.1", planes * expansion)
+            inp = planes * expansion
+    return keys
+
+
+@pytest.mark.parametrize("depth,n_keys,params", [(18, 120, 11_176_512), (50, 318, 23_508_032)])
+def test_imagenet_stem_loads_a_torchvision_state_dict_strictly(depth, n_keys, params):
+    expected = torchvision_keys(depth)
+    assert len(expected) == n_keys  # torchvision's count, fc.weight and fc.bias left out
+    g = torch.Generator().manual_seed(depth)
+    count = "num_batches_tracked"
+    state = {
+        k: torch.randint(0, 5, s, generator=g) if k.endswith(count) else torch.randn(s, generator=g)
+        for k, s in expected.items()
+    }
+    m = cifar_resnet(depth, stem="imagenet")
+    assert n_params(m) == params  # torchvision's parameter count without fc
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == expected
+    m.load_state_dict(state, strict=True)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_cifar_stem_keeps_its_names_and_shapes():
+    keys = dict((k, tuple(v.shape)) for k, v in resnet18().state_dict().items())
+    tv = torchvision_keys(18)
+    assert keys["conv1.weight"] == (64, 3, 3, 3)
+    renamed = {k.replace(".downsample.", ".shortcut."): s for k, s in tv.items() if k != "conv1.weight"}
+    assert {k: s for k, s in keys.items() if k != "conv1.weight"} == renamed
+
+
+def test_imagenet_stem_forward_equals_a_plain_reference():
+    torch.manual_seed(0)
+    m = resnet18(width=4, blocks=(1, 1), stem="imagenet").eval()
+    assert m.conv1.kernel_size == (7, 7) and m.conv1.stride == (2, 2)
+    x = torch.randn(2, 3, 37, 37)
+    h = F.conv2d(x, m.conv1.weight, stride=2, padding=3)
+    h = F.batch_norm(h, m.bn1.running_mean, m.bn1.running_var, m.bn1.weight, m.bn1.bias, eps=m.bn1.eps)
+    h = F.max_pool2d(F.relu(h), 3, stride=2, padding=1)  # 37 -> 19 -> 10
+    assert h.shape[-1] == 10
+    for name in m.layers:
+        h = getattr(m, name)(h)
+    torch.testing.assert_close(m(x), h.mean((2, 3)))
+    # A downsampling block's projection runs (torchvision's name): layer2 halves 10 -> 5.
+    blk = m.layer2[0]
+    assert blk.shortcut_name == "downsample" and isinstance(blk.downsample[0], nn.Conv2d)
+
+
+@pytest.mark.parametrize("size,stem", [(32, "cifar"), (63, "cifar"), (64, "imagenet"), (224, "imagenet")])
+def test_auto_stem_follows_the_image_size(size, stem):
+    enc = build_encoder("resnet18", in_channels=3, image_size=size, width=4, blocks=[1], stem="auto")
+    assert enc.stem == stem
+    assert build_encoder("resnet18", image_size=size, width=4, blocks=[1], stem="cifar").stem == "cifar"
+
+
+def test_unknown_stem():
+    with pytest.raises(UsageError, match="stem"):
+        resnet18(stem="tiny")

@@ -100,6 +100,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--lr", "{phase}.lr", "learning rate", type=_positive_float),
     Flag("--seed", "seed", "random seed (data order, initial weights, augmentation)", type=int),
     Flag("--encoder", "model.encoder", "encoder from the registry (keras-cnn, resnet18, ...)"),
+    Flag(
+        "--pretrained",
+        "model.pretrained",
+        "encoder weights to start from (.safetensors, .pth, .pt, .bin)",
+        metavar="FILE",
+        commands=("compare", "train-ce", "pretrain"),
+    ),  # fmt: skip
     Flag("--method", "loss.method", "contrastive method", choices=choices(Method)),
     Flag("--temperature", "loss.temperature", "loss temperature", type=_positive_float),
     Flag("--device", "device", "auto (CUDA when present), cpu, cuda or cuda:N"),

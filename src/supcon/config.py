@@ -30,6 +30,7 @@ Variant = Literal["out", "in", "npairs"]
 Schedule = Literal["constant", "cosine", "step"]
 ImageStore = Literal["auto", "memory", "disk"]
 Sampler = Literal["uniform", "class-balanced", "sqrt"]
+Stem = Literal["auto", "cifar", "imagenet"]
 
 
 def choices(tp: Any) -> tuple[str, ...]:
@@ -67,6 +68,8 @@ class ModelConfig:
     feature_dim: int = _num(128, ge=1)  # output size of encoders with a final dense layer (keras-cnn)
     width: int = _num(64, ge=1)  # base width of ResNets
     blocks: list[int] | None = None  # blocks per ResNet stage (None = the standard depth)
+    stem: Stem = "auto"  # ResNet stem; auto: imagenet (7x7 conv + max-pool) from 64 px, cifar below
+    pretrained: str | None = None  # weights file the encoder starts from (.safetensors, .pth, .pt, .bin)
     projection: Projection = "none"  # head used only by the contrastive loss
     projection_dim: int = _num(128, ge=1)
     projection_hidden: int | None = _num(None, ge=1)
@@ -99,6 +102,9 @@ class PhaseConfig:
     augment: Augment = "none"  # supcon: crop, flip, colour jitter, grayscale; crop-flip: the light one
     views: int = _num(1, ge=1)
     finetune: bool = False  # linear phase only: train the encoder too (full fine-tuning), not a probe
+    backbone_lr_scale: float = _num(1.0, gt=0)  # the encoder learns at lr * this, the heads at lr
+    freeze_bn: bool = False  # encoder BatchNorm: running statistics and affine parameters frozen
+    freeze_stages: int = _num(0, ge=0, lt=6)  # ResNet: n > 0 freezes the stem and the first n-1 stages
 
 
 @dataclass
@@ -291,6 +297,12 @@ def validate(cfg: Config) -> None:
     for phase in PHASES:
         if getattr(cfg, phase).finetune and phase != "linear":
             raise UsageError(f"{phase}.finetune: only the linear phase fine-tunes (set linear.finetune)")
+    lin = cfg.linear
+    if not lin.finetune and (lin.backbone_lr_scale != 1.0 or lin.freeze_bn or lin.freeze_stages):
+        raise UsageError(
+            "linear.backbone_lr_scale/freeze_bn/freeze_stages apply when the encoder trains; the linear "
+            "probe freezes all of it (set linear.finetune to fine-tune)"
+        )
     pre = cfg.pretrain
     if pre.views == 1 and (cfg.loss.method == "simclr" or pre.batch_size == 1):
         why = "SimCLR's positives are other views" if cfg.loss.method == "simclr" else "batch_size 1"

@@ -3,24 +3,101 @@
 - :class:`Classifier`: encoder + classification head (experiment 1, and the classifier phase).
 - :class:`ContrastiveModel`: encoder + projection head (pre-training; the loss sees the projection,
   evaluation the encoder's features).
+
+Fine-tuning conventions of a phase (:func:`trainable_params`): the encoder learning at a fraction of
+the lr, its BatchNorm layers frozen, its first stages frozen. A frozen BatchNorm stays in eval mode
+(running statistics used, not updated) through the loop's ``train()`` of every epoch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from supcon import dist
 from supcon.checkpoint import load_weights
-from supcon.config import Config
+from supcon.config import Config, PhaseConfig
 from supcon.datasets import ImageDataset
 from supcon.encoders import build_encoder
+from supcon.errors import UsageError
 from supcon.heads import DropoutDenseHead, LinearHead, ProjectionHead
+from supcon.optim import backbone_groups
+from supcon.pretrained import load_pretrained
 from supcon.runtime import Runtime
 
 
-class Classifier(nn.Module):
+@dataclass(frozen=True)
+class Freeze:
+    """What of an encoder is frozen: its BatchNorm layers (``bn``), its stem and first ``stages - 1``
+    stages (``stages``; 0: none)."""
+
+    bn: bool = False
+    stages: int = 0
+
+
+def _frozen_parts(encoder: nn.Module, freeze: Freeze) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(modules whose parameters are frozen, BatchNorm layers kept in eval mode), found by structure
+    so that they are found again after SyncBatchNorm replaced the layers."""
+    parts = []
+    if freeze.stages:
+        stages = encoder.stages()
+        parts = stages[: freeze.stages]
+    bns = [m for part in parts for m in part.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if freeze.bn:
+        bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return parts + bns, bns
+
+
+class _Frozen(nn.Module):
+    """A model whose encoder's frozen BatchNorm layers stay in eval mode whatever ``train()`` says."""
+
+    freeze = Freeze()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.freeze != Freeze():
+            for m in _frozen_parts(self.encoder, self.freeze)[1]:
+                m.eval()
+        return self
+
+
+def freeze_encoder(model: nn.Module, freeze: Freeze, where: str = "phase") -> None:
+    """Freeze ``model.encoder``'s parts (parameters without gradient; BatchNorm in eval mode, kept
+    there by ``model.train()``). ``UsageError`` for stages of an encoder without them."""
+    if freeze.stages:
+        stages = getattr(model.encoder, "stages", None)
+        if stages is None:
+            raise UsageError(
+                f"{where}.freeze_stages: only the ResNet encoders have stages to freeze, "
+                f"not {type(model.encoder).__name__}"
+            )
+        if freeze.stages > len(stages()):
+            raise UsageError(
+                f"{where}.freeze_stages={freeze.stages}: this encoder has a stem and "
+                f"{len(stages()) - 1} stages (at most {len(stages())})"
+            )
+    model.freeze = freeze
+    for m in _frozen_parts(model.encoder, freeze)[0]:
+        m.requires_grad_(False)
+    model.train(model.training)
+
+
+def trainable_params(model: nn.Module, pc: PhaseConfig, where: str = "phase") -> list:
+    """What a phase's optimizer gets for ``model`` (encoder + head), after the phase's freezing:
+    its parameters, or with ``backbone_lr_scale`` param groups (:func:`supcon.optim.backbone_groups`).
+    With the defaults, exactly ``list(model.parameters())``."""
+    freeze = Freeze(pc.freeze_bn, pc.freeze_stages)
+    if freeze != Freeze():
+        freeze_encoder(model, freeze, where)
+    if pc.backbone_lr_scale == 1.0:
+        return list(model.parameters())
+    return backbone_groups(model, model.encoder, pc.weight_decay, pc.backbone_lr_scale)
+
+
+class Classifier(_Frozen):
     def __init__(self, encoder: nn.Module, head: nn.Module):
         super().__init__()
         self.encoder = encoder
@@ -30,7 +107,7 @@ class Classifier(nn.Module):
         return self.head(self.encoder(x))
 
 
-class ContrastiveModel(nn.Module):
+class ContrastiveModel(_Frozen):
     """Encoder + projection head; the loss sees the projection, evaluation the encoder's features."""
 
     def __init__(self, encoder: nn.Module, projection: nn.Module):
@@ -42,16 +119,22 @@ class ContrastiveModel(nn.Module):
         return self.projection(self.encoder(x))
 
 
-def build_encoder_for(cfg: Config, data: ImageDataset) -> nn.Module:
+def build_encoder_for(cfg: Config, data: ImageDataset, pretrained: bool = False) -> nn.Module:
+    """The encoder of ``cfg`` for ``data``'s images; with ``pretrained``, starting from the weights
+    of ``model.pretrained`` when set (a phase that trains; a finished phase's saved weights need not)."""
     m = cfg.model
-    return build_encoder(
+    encoder = build_encoder(
         m.encoder,
         in_channels=data.channels,
         image_size=data.image_size,
         feature_dim=m.feature_dim,
         width=m.width,
         blocks=m.blocks,
+        stem=m.stem,
     )
+    if pretrained and m.pretrained is not None:
+        load_pretrained(encoder, m.pretrained, verbose=dist.is_main())
+    return encoder
 
 
 def build_head(cfg: Config, in_dim: int, num_classes: int) -> nn.Module:
@@ -74,14 +157,17 @@ def build_projection(cfg: Config, in_dim: int) -> nn.Module:
     )
 
 
-def build_classifier(cfg: Config, data: ImageDataset, encoder: nn.Module | None = None) -> Classifier:
-    """A classifier for ``data``: on ``encoder`` when given, else on a fresh one."""
-    encoder = encoder if encoder is not None else build_encoder_for(cfg, data)
+def build_classifier(
+    cfg: Config, data: ImageDataset, encoder: nn.Module | None = None, pretrained: bool = False
+) -> Classifier:
+    """A classifier for ``data``: on ``encoder`` when given, else on a fresh one (``pretrained``: see
+    :func:`build_encoder_for`)."""
+    encoder = encoder if encoder is not None else build_encoder_for(cfg, data, pretrained)
     return Classifier(encoder, build_head(cfg, encoder.feature_dim, data.num_classes))
 
 
-def build_contrastive(cfg: Config, data: ImageDataset) -> ContrastiveModel:
-    encoder = build_encoder_for(cfg, data)
+def build_contrastive(cfg: Config, data: ImageDataset, pretrained: bool = False) -> ContrastiveModel:
+    encoder = build_encoder_for(cfg, data, pretrained)
     return ContrastiveModel(encoder, build_projection(cfg, encoder.feature_dim))
 
 

@@ -3,6 +3,8 @@
 ``build_optimizer`` splits parameters into two groups: weights that get weight decay, and 1-D
 parameters (biases and the affine parameters of norm layers) that get none and that LARS leaves out of
 its trust-ratio adaptation, as is usual for large-batch contrastive training (SimCLR, SupCon).
+:func:`backbone_groups` doubles that split for fine-tuning: the backbone's groups learn at a fraction
+of the lr (a group's ``lr_scale``), the heads' at the lr.
 
 Schedules are ``LambdaLR`` multipliers of the base lr, stepped once per iteration, so the trainer can
 ``state_dict()`` the scheduler with the optimizer for an exact resume.
@@ -54,6 +56,37 @@ def param_groups(params_or_model: ParamsLike, weight_decay: float) -> list[dict[
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
     return groups
+
+
+def backbone_groups(
+    model: nn.Module, backbone: nn.Module, weight_decay: float, backbone_lr_scale: float
+) -> list[dict[str, Any]]:
+    """``param_groups`` of ``model``'s other parameters (heads: the lr), then of ``backbone``'s
+    (``lr_scale=backbone_lr_scale``: ``build_optimizer`` gives them ``lr * backbone_lr_scale``).
+
+    The heads come first, so a log of the first group's lr shows the base lr. Schedules multiply
+    every group's initial lr, so the ratio holds through warm-up and decay.
+    """
+    inside = {id(p) for p in backbone.parameters()}
+    head = [p for p in model.parameters() if id(p) not in inside and p.requires_grad]
+    body = [p for p in backbone.parameters() if p.requires_grad]
+    if not head and not body:
+        raise UsageError("no trainable parameters to optimise")
+    groups = param_groups(head, weight_decay) if head else []
+    if body:
+        groups += [g | {"lr_scale": backbone_lr_scale} for g in param_groups(body, weight_decay)]
+    return groups
+
+
+def _scaled(groups: list[dict[str, Any]], lr: float) -> list[dict[str, Any]]:
+    """Groups with an ``lr_scale`` get their own lr (copies: the caller's dicts stay as they are)."""
+    out = []
+    for g in groups:
+        g = dict(g)
+        if "lr_scale" in g:
+            g["lr"] = lr * g.pop("lr_scale")
+        out.append(g)
+    return out
 
 
 class LARS(torch.optim.Optimizer):
@@ -176,14 +209,14 @@ def build_optimizer(
     """Optimizer ``name`` (sgd, adam, adamw, lars) over ``param_groups(params_or_model, weight_decay)``.
 
     Options that do not apply to the chosen optimizer (betas for SGD, momentum for Adam) are ignored;
-    ``kwargs`` go to the optimizer's constructor.
+    ``kwargs`` go to the optimizer's constructor. A group with ``lr_scale`` learns at ``lr * lr_scale``.
     """
     factory = OPTIMIZERS.get(name)
     if lr <= 0:
         raise UsageError(f"learning rate must be positive, got {lr}")
     if weight_decay < 0:
         raise UsageError(f"weight decay must be >= 0, got {weight_decay}")
-    groups = param_groups(params_or_model, weight_decay)
+    groups = _scaled(param_groups(params_or_model, weight_decay), lr)
     return factory(
         groups, lr=lr, momentum=momentum, betas=tuple(betas), eps=eps, nesterov=nesterov, eta=eta, **kwargs
     )

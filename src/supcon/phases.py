@@ -23,7 +23,14 @@ from supcon.evaluate import accuracy, encoder_knn, extract_features, predict
 from supcon.imageset import StoredImages
 from supcon.loop import Phase, StepOut, ddp_global, ddp_share, fit
 from supcon.loss import supcon_loss
-from supcon.models import Classifier, ContrastiveModel, build_classifier, build_contrastive, to_device
+from supcon.models import (
+    Classifier,
+    ContrastiveModel,
+    build_classifier,
+    build_contrastive,
+    to_device,
+    trainable_params,
+)
 from supcon.prefetch import Batch
 from supcon.rundir import Run
 from supcon.runtime import Runtime
@@ -114,6 +121,7 @@ def _val_acc(model: nn.Module, split: Split, data: ImageDataset, rt: Runtime) ->
 def _train_classifier(name: str, model: Classifier, run: Run, data: ImageDataset, split: Split) -> Classifier:
     """Encoder and classifier trained together with cross-entropy (experiment 1, fine-tuning)."""
     pc, rt = getattr(run.cfg, name), run.rt
+    params = trainable_params(model, pc, name)  # freezes first: DDP registers what needs a gradient
     net = wrap_ddp(model, run)
     augment, prepare = _feed(split.train_x, pc.augment, data.norm)
     train = training_data(split, rt)
@@ -126,7 +134,6 @@ def _train_classifier(name: str, model: Classifier, run: Run, data: ImageDataset
         loss = _ce(logits, y)
         return StepOut(loss, ddp_share(loss, len(b.idx), n_global), (logits.argmax(1) == y).sum())
 
-    params = list(model.parameters())
     order = order_fn(split.train_y, run.cfg.data.sampler)
     val_acc = lambda e: _val_acc(model, split, data, rt)  # noqa: E731
     fit(Phase(name, pc, model, params, step, len(split.train_y), val_acc, order=order, prepare=prepare), run)
@@ -135,14 +142,16 @@ def _train_classifier(name: str, model: Classifier, run: Run, data: ImageDataset
 
 def train_ce(run: Run, data: ImageDataset, split: Split) -> Classifier:
     """Experiment 1: encoder and classifier trained together with softmax cross-entropy."""
-    return _train_classifier("ce", to_device(build_classifier(run.cfg, data), run.rt), run, data, split)
+    model = build_classifier(run.cfg, data, pretrained=True)
+    return _train_classifier("ce", to_device(model, run.rt), run, data, split)
 
 
 def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
     """Experiment 2a: contrastive pre-training of the encoder (SupCon with labels, SimCLR without)."""
     cfg, rt = run.cfg, run.rt
     pc = cfg.pretrain
-    model = to_device(build_contrastive(cfg, data), rt)
+    model = to_device(build_contrastive(cfg, data, pretrained=True), rt)
+    params = trainable_params(model, pc, "pretrain")
     net = wrap_ddp(model, run)
     views = pc.views
     augment, prepare = _feed(split.train_x, pc.augment, data.norm, views)
@@ -180,7 +189,7 @@ def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
         )
         return {key: round(acc, 6)}
 
-    params, order = list(model.parameters()), order_fn(split.train_y, cfg.data.sampler)
+    order = order_fn(split.train_y, cfg.data.sampler)
     fit(Phase("pretrain", pc, model, params, step, len(split.train_y), monitor, order, prepare), run)
     return model
 

@@ -127,6 +127,9 @@ def plot_tsne(
         return f"t-SNE map not drawn: only {images} (it needs at least {TSNE_MIN_POINTS})"
     if not all(np.isfinite(f).all() for f in maps.values()):
         return "t-SNE map not drawn: the features contain NaN or infinite values"
+    if any(len(f) > 1 and np.ptp(f, axis=0).max() == 0 for f in maps.values()):
+        # scikit-learn's TSNE divides by the spread and can crash the process on constant input.
+        return "t-SNE map not drawn: an encoder gives every image the same features"
     try:
         _draw_tsne(maps, labels, classes, path, seed)
     except Exception as e:  # a plot is never worth losing the run's report

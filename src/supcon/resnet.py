@@ -1,14 +1,22 @@
-"""CIFAR ResNets (ResNet-18/34/50) as in the SupCon authors' ``resnet_big.py``.
+"""ResNets (ResNet-18/34/50) with a CIFAR or an ImageNet stem.
 
-The CIFAR variant: a 3x3 stride-1 stem conv and no max-pool, so a 32x32 image reaches the last stage
-at 4x4. BasicBlock for 18/34, Bottleneck (expansion 4) for 50; global average pooling gives the
-representation, ``feature_dim = 8 * width * expansion`` (512 for ResNet-18, 2048 for ResNet-50 at
-the default width 64). ``width`` and ``blocks`` shrink the network for small CPU runs.
+The CIFAR stem, as in the SupCon authors' ``resnet_big.py``: a 3x3 stride-1 conv and no max-pool, so
+a 32x32 image reaches the last stage at 4x4. The ImageNet stem, as torchvision's and timm's ResNets:
+a 7x7 stride-2 conv, BN, ReLU and a 3x3 stride-2 max-pool (4x smaller feature maps), for large images.
+BasicBlock for 18/34, Bottleneck (expansion 4, stride on the 3x3 conv as torchvision's v1.5) for 50;
+global average pooling gives the representation, ``feature_dim = 8 * width * expansion`` (512 for
+ResNet-18, 2048 for ResNet-50 at the default width 64). ``width`` and ``blocks`` shrink the network
+for small CPU runs.
+
+Parameter names follow each stem's reference so its weights load by name: ``shortcut`` (the
+authors' CIFAR models) or ``downsample`` (torchvision/timm) for a block's projection; every other
+name (``conv1``, ``bn1``, ``layer1.0.conv1``, ...) is the same in both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -59,16 +67,30 @@ def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
     return nn.Sequential(Conv1x1(in_planes, out_planes, stride=stride), nn.BatchNorm2d(out_planes))
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """What both blocks share: the projection path under its reference name (``shortcut`` or
+    ``downsample``), so that state-dict keys match the checkpoints of that reference."""
+
+    def _add_shortcut(self, in_planes: int, out_planes: int, stride: int, name: str) -> None:
+        if name not in ("shortcut", "downsample"):
+            raise ValueError(f"shortcut name must be 'shortcut' or 'downsample', got {name!r}")
+        self.shortcut_name = name
+        self.add_module(name, _shortcut(in_planes, out_planes, stride))
+
+    def identity(self, x: torch.Tensor) -> torch.Tensor:
+        return self._modules[self.shortcut_name](x)
+
+
+class BasicBlock(_Block):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "shortcut"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
+        self._add_shortcut(in_planes, planes * self.expansion, stride, shortcut)
 
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn2
@@ -76,13 +98,13 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(out + self.identity(x))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "shortcut"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -90,7 +112,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
+        self._add_shortcut(in_planes, planes * self.expansion, stride, shortcut)
 
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn3
@@ -99,14 +121,30 @@ class Bottleneck(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(out + self.identity(x))
 
 
-class CifarResNet(nn.Module):
+Stem = Literal["auto", "cifar", "imagenet"]
+STEMS: tuple[str, ...] = ("auto", "cifar", "imagenet")
+IMAGENET_STEM_FROM = 64  # "auto": images of this many pixels and more get the ImageNet stem
+
+
+def resolve_stem(stem: str, image_size: int | None) -> str:
+    """``stem`` with "auto" decided by the image size: the ImageNet stem's 4x reduction suits large
+    images; small ones (CIFAR's 32 px) keep full resolution with the CIFAR stem."""
+    if stem not in STEMS:
+        raise UsageError(f"unknown resnet stem {stem!r}; choose one of: {', '.join(STEMS)}")
+    if stem != "auto":
+        return stem
+    return "imagenet" if image_size is not None and image_size >= IMAGENET_STEM_FROM else "cifar"
+
+
+class ResNet(nn.Module):
     """Encoder: float ``[B, in_channels, H, W]`` -> ``[B, feature_dim]`` (after global average pooling).
 
     ``width`` is the stem/first-stage channel count (stages have width x 1, 2, 4, 8); ``blocks`` the
-    number of blocks per stage (1 to 4 stages; fewer stages end the network earlier).
+    number of blocks per stage (1 to 4 stages; fewer stages end the network earlier). ``stem`` is
+    "cifar" (3x3 conv) or "imagenet" (7x7 stride-2 conv + max-pool, torchvision's names).
     ``zero_init_residual`` sets each block's last BN gamma to 0 so blocks start as identities.
     """
 
@@ -117,6 +155,7 @@ class CifarResNet(nn.Module):
         in_channels: int = 3,
         width: int = 64,
         zero_init_residual: bool = False,
+        stem: str = "cifar",
     ):
         super().__init__()
         blocks = tuple(int(b) for b in blocks)
@@ -124,15 +163,25 @@ class CifarResNet(nn.Module):
             raise UsageError(f"resnet blocks must be 1 to 4 positive counts per stage, got {blocks!r}")
         if width < 1 or in_channels < 1:
             raise UsageError(f"resnet width and in_channels must be positive, got {width}, {in_channels}")
+        if stem not in ("cifar", "imagenet"):
+            raise UsageError(f"resnet stem must be 'cifar' or 'imagenet', got {stem!r}")
         self.blocks = blocks
         self.width = width
-        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.stem = stem
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(width)
         self.in_planes = width
-        # Named layer1..layer4 as in resnet_big.py, so the authors' encoder weights load by name.
+        # Named layer1..layer4 as in resnet_big.py and torchvision, so their weights load by name.
         self.layers = [f"layer{i + 1}" for i in range(len(blocks))]
+        shortcut = "downsample" if stem == "imagenet" else "shortcut"
         for i, (name, n) in enumerate(zip(self.layers, blocks, strict=True)):
-            setattr(self, name, self._make_stage(block, width * 2**i, n, stride=1 if i == 0 else 2))
+            stage = self._make_stage(block, width * 2**i, n, stride=1 if i == 0 else 2, shortcut=shortcut)
+            setattr(self, name, stage)
         self.feature_dim = self.in_planes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
 
@@ -147,21 +196,31 @@ class CifarResNet(nn.Module):
                 if isinstance(m, BasicBlock | Bottleneck):
                     nn.init.zeros_(m.last_bn().weight)
 
-    def _make_stage(self, block: type[nn.Module], planes: int, n: int, stride: int) -> nn.Sequential:
+    def _make_stage(
+        self, block: type[nn.Module], planes: int, n: int, stride: int, shortcut: str
+    ) -> nn.Sequential:
         layers = []
         for s in [stride] + [1] * (n - 1):
-            layers.append(block(self.in_planes, planes, s))
+            layers.append(block(self.in_planes, planes, s, shortcut=shortcut))
             self.in_planes = planes * block.expansion
         return nn.Sequential(*layers)
 
+    def stages(self) -> list[nn.Module]:
+        """The stem (conv1 + bn1) and then each stage, input side first (for freezing a prefix)."""
+        stem = nn.ModuleList([self.conv1, self.bn1])
+        return [stem, *(getattr(self, name) for name in self.layers)]
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         for name in self.layers:
             out = getattr(self, name)(out)
         return torch.flatten(self.avgpool(out), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
+
+
+CifarResNet = ResNet  # the name before the ImageNet stem existed
 
 
 _DEPTHS = {
@@ -177,34 +236,38 @@ def cifar_resnet(
     width: int = 64,
     blocks: Sequence[int] | None = None,
     zero_init_residual: bool = False,
+    stem: str = "cifar",
+    image_size: int | None = None,
     **_,
-) -> CifarResNet:
-    """ResNet-``depth`` (18, 34 or 50); ``blocks`` overrides the per-stage block counts.
+) -> ResNet:
+    """ResNet-``depth`` (18, 34 or 50); ``blocks`` overrides the per-stage block counts; ``stem``
+    "cifar", "imagenet" or "auto" (by ``image_size``, see :func:`resolve_stem`).
 
-    ``image_size`` and other encoder options are accepted and ignored (global pooling fits any size).
+    Other encoder options are accepted and ignored (global pooling fits any size).
     """
     if depth not in _DEPTHS:
         raise UsageError(f"unknown resnet depth {depth!r}; choose one of: {', '.join(map(str, _DEPTHS))}")
     block, default_blocks = _DEPTHS[depth]
-    return CifarResNet(
+    return ResNet(
         block,
         default_blocks if blocks is None else blocks,
         in_channels=in_channels,
         width=width,
         zero_init_residual=zero_init_residual,
+        stem=resolve_stem(stem, image_size),
     )
 
 
 @register_encoder("resnet18")
-def resnet18(**kwargs) -> CifarResNet:
+def resnet18(**kwargs) -> ResNet:
     return cifar_resnet(18, **kwargs)
 
 
 @register_encoder("resnet34")
-def resnet34(**kwargs) -> CifarResNet:
+def resnet34(**kwargs) -> ResNet:
     return cifar_resnet(34, **kwargs)
 
 
 @register_encoder("resnet50")
-def resnet50(**kwargs) -> CifarResNet:
+def resnet50(**kwargs) -> ResNet:
     return cifar_resnet(50, **kwargs)
