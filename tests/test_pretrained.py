@@ -210,3 +210,24 @@ def test_the_flag_and_the_config_reach_the_encoder(tmp_path, capsys):
     cfg.model.stem = "cifar"
     with pytest.raises(UsageError, match="shapes differ"):
         build_encoder_for(cfg, data, pretrained=True)
+
+
+@pytest.mark.slow
+def test_linear_probe_on_a_weights_file_without_a_pretraining_run(tmp_path):
+    import supcon
+
+    base = {"data.dataset": "digits", "model.encoder": "resnet18", "model.width": 4, "tune_cpu": False}
+    supcon.run("pretrain", out=tmp_path / "pre", progress=False, overrides=base | {"pretrain.epochs": 1})
+    weights = tmp_path / "pre" / "weights" / "pretrain.safetensors"
+    out = supcon.run(
+        "linear", out=tmp_path / "probe", progress=False,
+        overrides=base | {"model.pretrained": str(weights), "linear.epochs": 1},
+    )  # fmt: skip
+    assert 0 < out["rows"][0]["test_acc"] <= 1
+    from safetensors.torch import load_file
+
+    probe, pre = load_file(str(tmp_path / "probe/weights/linear.safetensors")), load_file(str(weights))
+    enc = {k: v for k, v in probe.items() if k.startswith("encoder.")}
+    assert enc and all(torch.equal(v, pre[k]) for k, v in enc.items())  # the file's encoder, frozen
+    with pytest.raises(UsageError, match="linear needs --from DIR .* or --pretrained FILE"):
+        supcon.run("linear", out=tmp_path / "none", progress=False, overrides=base)

@@ -105,7 +105,7 @@ FLAGS: tuple[Flag, ...] = (
         "model.pretrained",
         "encoder weights to start from (.safetensors, .pth, .pt, .bin)",
         metavar="FILE",
-        commands=("compare", "train-ce", "pretrain"),
+        commands=("compare", "train-ce", "pretrain", "linear"),
     ),  # fmt: skip
     Flag("--method", "loss.method", "contrastive method", choices=choices(Method)),
     Flag("--temperature", "loss.temperature", "loss temperature", type=_positive_float),
@@ -183,12 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     for name, spec in COMMANDS.items():
         p = sub.add_parser(name, help=spec.help, description=spec.help)
-        if spec.needs_from:
+        if spec.needs_from or spec.takes_from:
             p.add_argument(
                 "--from",
                 dest="from_dir",
                 type=Path,
-                required=True,
+                required=spec.needs_from,
                 metavar="DIR",
                 help="run folder of a finished run (its config.yaml and weights/ are used)",
             )

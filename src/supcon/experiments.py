@@ -24,7 +24,7 @@ from supcon.errors import UsageError
 from supcon.evaluate import accuracy, encoder_knn, extract_features, knn_accuracy, predict
 from supcon.longtail import group_report
 from supcon.loop import Diverged
-from supcon.models import load_phase_model
+from supcon.models import build_encoder_for, load_phase_model
 from supcon.phases import pretrain, train_ce, train_linear
 from supcon.report import (
     confusion_matrix,
@@ -254,11 +254,21 @@ def pretrain_only(run: Run) -> dict:
     return finish(run, data, title, rows, {f"{_method(cfg)} encoder": pre.encoder})
 
 
-def linear_only(run: Run, from_dir: Path) -> dict:
-    """Classifier on the encoder of a finished pre-training run."""
+def linear_only(run: Run, from_dir: Path | None) -> dict:
+    """Classifier on the encoder of a finished pre-training run, or on a pre-trained backbone's
+    weights file (``model.pretrained``) when there is no run to start from."""
+    if from_dir is None and run.cfg.model.pretrained is None:
+        raise UsageError(
+            "linear needs --from DIR (a pre-training run) or --pretrained FILE (encoder weights)"
+        )
     data, split = _load(run)
-    pre = load_phase_model(run.cfg, data, "pretrain", from_dir / "weights" / "pretrain.safetensors")
-    clf = _phase(run, data, "linear", lambda: train_linear(run, data, split, pre.encoder))
+    if from_dir is None:
+        encoder = build_encoder_for(run.cfg, data, pretrained=True)
+    else:
+        encoder = load_phase_model(
+            run.cfg, data, "pretrain", from_dir / "weights" / "pretrain.safetensors"
+        ).encoder
+    clf = _phase(run, data, "linear", lambda: train_linear(run, data, split, encoder))
     preds = {"linear": (_classifier_name(run.cfg), _predict(run, data, clf))}
     rows = [_row(run, preds["linear"][0], preds["linear"][1], data, ["linear"])]
     return finish(run, data, f"supcon linear: {run.cfg.name} on {data.name}", rows, {}, preds)
@@ -313,6 +323,7 @@ class Command:
     phases: tuple[str, ...]  # the phases its --epochs/--batch-size/--lr apply to
     trains: bool = True  # opens a run folder (False: reads one, --from)
     needs_from: bool = False  # --from DIR: a run folder to start from
+    takes_from: bool = False  # --from DIR, optional
 
 
 COMMANDS: dict[str, Command] = {
@@ -324,9 +335,10 @@ COMMANDS: dict[str, Command] = {
         "contrastive pre-training of the encoder (SupCon, or SimCLR with --method simclr)", ("pretrain",)
     ),
     "linear": Command(
-        "classifier on the encoder of a pre-training run (--from DIR): frozen, or --finetune",
+        "classifier on the encoder of a pre-training run (--from DIR) or of a weights file (--pretrained "
+        "FILE): frozen, or --finetune",
         ("linear",),
-        needs_from=True,
+        takes_from=True,
     ),
     "eval": Command(
         "test accuracy (and kNN) of the models in a run folder, retrieval of its encoders (--from DIR)",
