@@ -23,7 +23,7 @@ from supcon.errors import UsageError
 from supcon.evaluate import accuracy, encoder_knn, extract_features, predict
 from supcon.longtail import group_report
 from supcon.loop import Diverged
-from supcon.models import load_phase_model
+from supcon.models import Classifier, load_phase_model
 from supcon.phases import pretrain, train_ce, train_linear
 from supcon.report import plot_curves, plot_tsne, write_report
 from supcon.rundir import Run, default_run_dir, open_run, read_config, read_metrics
@@ -108,7 +108,14 @@ def finish(run: Run, data: ImageDataset, title: str, rows: list[dict], encoders:
 
 
 def _method(cfg: Config) -> str:
-    return "SupCon" if cfg.loss.method == "supcon" else "SimCLR"
+    return {"supcon": "SupCon", "simclr": "SimCLR", "bcl": "BCL"}.get(cfg.loss.method, cfg.loss.method)
+
+
+def _bcl_rows(run: Run, pre, data: ImageDataset) -> list[dict]:
+    """BCL trains a classifier with the encoder: its own result row (none for other methods)."""
+    if run.cfg.loss.method != "bcl":
+        return []
+    return [_row(run, "BCL classifier", Classifier(pre.encoder, pre.classifier), data, ["pretrain"])]
 
 
 def compare(run: Run) -> dict:
@@ -123,6 +130,7 @@ def compare(run: Run) -> dict:
     rows = [
         _row(run, "cross-entropy", ce, data, ["ce"]),
         _row(run, name, clf, data, ["pretrain", "linear"]),
+        *_bcl_rows(run, pre, data),
     ]
     encoders = {"cross-entropy encoder": ce.encoder, f"{_method(run.cfg)} encoder": pre.encoder}
     return finish(run, data, f"supcon compare: {run.cfg.name} on {data.name}", rows, encoders)
@@ -145,7 +153,7 @@ def pretrain_only(run: Run) -> dict:
         train, test = (split.train_x, split.train_y), (data.test_x, data.test_y)
         knn = encoder_knn(pre.encoder, train, test, run.rt, data.norm, cfg.knn_k, cfg.knn_temperature)
     name = f"{cfg.loss.method} pre-training (kNN, k={cfg.knn_k})"
-    rows = [_row(run, name, pre, data, ["pretrain"], test_acc=knn)]
+    rows = [_row(run, name, pre, data, ["pretrain"], test_acc=knn), *_bcl_rows(run, pre, data)]
     title = f"supcon pretrain: {cfg.name} on {data.name}"
     return finish(run, data, title, rows, {"encoder": pre.encoder})
 
@@ -183,6 +191,9 @@ def evaluate_run(run_dir: Path, device: str = "auto") -> list[dict]:
             cfg.knn_temperature,
         )  # fmt: skip
         out.append({"experiment": f"pre-trained encoder, kNN (k={cfg.knn_k})", "test_acc": acc})
+        if cfg.loss.method == "bcl":
+            pred = predict(Classifier(pre.encoder, pre.classifier), data.test_x, rt, data.norm)
+            out.append({"experiment": "BCL classifier", "test_acc": accuracy(pred, data.test_y)})
     if not out:
         raise UsageError(f"no trained weights in {w}")
     return out

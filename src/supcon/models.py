@@ -3,6 +3,8 @@
 - :class:`Classifier`: encoder + classification head (experiment 1, and the classifier phase).
 - :class:`ContrastiveModel`: encoder + projection head (pre-training; the loss sees the projection,
   evaluation the encoder's features).
+- :class:`supcon.bcl.BCLModel`: pre-training with ``loss.method=bcl``: the contrastive model plus a
+  classifier and class prototypes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from supcon.bcl import BCLModel, CosineClassifier
 from supcon.checkpoint import load_weights
 from supcon.config import Config
 from supcon.datasets import ImageDataset
@@ -80,9 +83,22 @@ def build_classifier(cfg: Config, data: ImageDataset, encoder: nn.Module | None 
     return Classifier(encoder, build_head(cfg, encoder.feature_dim, data.num_classes))
 
 
-def build_contrastive(cfg: Config, data: ImageDataset) -> ContrastiveModel:
+def build_contrastive(cfg: Config, data: ImageDataset) -> ContrastiveModel | BCLModel:
+    if cfg.loss.method == "bcl":
+        return build_bcl(cfg, data)
     encoder = build_encoder_for(cfg, data)
     return ContrastiveModel(encoder, build_projection(cfg, encoder.feature_dim))
+
+
+def build_bcl(cfg: Config, data: ImageDataset) -> BCLModel:
+    """BCL's model: the contrastive model plus a cosine classifier and a prototype head (the
+    authors' MLP with BatchNorm) from the classifier's weights to the projection's space."""
+    encoder = build_encoder_for(cfg, data)
+    d, m = encoder.feature_dim, cfg.model
+    out_dim = d if m.projection == "none" else m.projection_dim
+    prototype_head = ProjectionHead(d, out_dim, hidden_dim=m.projection_hidden, kind="mlp", batch_norm=True)
+    classifier = CosineClassifier(d, data.num_classes)
+    return BCLModel(encoder, build_projection(cfg, d), classifier, prototype_head)
 
 
 BUILDERS = {"ce": build_classifier, "pretrain": build_contrastive, "linear": build_classifier}
