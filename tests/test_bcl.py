@@ -15,6 +15,7 @@ from supcon.bcl import (
     CosineClassifier,
     LogitAdjustedCE,
     bcl_loss,
+    log_prior,
     logit_adjusted_ce,
 )
 
@@ -260,6 +261,32 @@ def test_logit_adjustment_refuses_bad_counts():
         logit_adjusted_ce(x, y, torch.tensor([0, 0, 0]), 1.0)
 
 
+def test_tau_zero_is_plain_cross_entropy_even_with_an_empty_class():
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    torch.testing.assert_close(logit_adjusted_ce(x, y, torch.tensor([3, 1, 0]), 0.0), F.cross_entropy(x, y))
+    assert log_prior(torch.tensor([1, 3]), 2.0).tolist() == pytest.approx(
+        [2 * math.log(0.25), 2 * math.log(0.75)]
+    )
+
+
+def test_the_losses_wait_only_for_their_cpu_checks():
+    from supcon.bcl import _adjusted_ce, _bcl
+    from sync_counter import SyncCounter
+
+    f, y, c = _data(8, 2, 4, 3, seed=6)
+    f.requires_grad_(True)
+    x = torch.randn(16, 3, requires_grad=True)
+    adjust = log_prior(torch.tensor([5, 2, 1]))
+    _bcl(f, y, c, 0.1).backward()  # warm-up
+    with SyncCounter() as unchecked:
+        _bcl(f, y, c, 0.1).backward()
+        _adjusted_ce(x, y.repeat(2), adjust).backward()
+    assert unchecked.total == 0, unchecked.counts  # what the training step runs
+    with SyncCounter() as checked:
+        bcl_loss(f, y, c, 0.1)
+    assert checked.total == 1, checked.counts  # the label range, read on the CPU only
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
@@ -291,3 +318,57 @@ def test_bcl_model_prototypes_come_from_the_classifier_weights():
     bcl_loss(z.view(4, 2, 3), y[:4], protos, 0.1).backward()
     assert model.classifier.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.prototype_head.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compare_with_bcl_gives_the_bcl_classifier_row_and_eval_reloads_it(tmp_path):
+    import supcon
+    from supcon.datasets import load_split
+    from supcon.models import load_phase_model
+    from supcon.rundir import read_config, read_metrics
+
+    out = tmp_path / "run"
+    overrides = {
+        "loss.method": "bcl",
+        "loss.temperature": 0.1,
+        "data.dataset": "digits",
+        "data.imbalance": 10,
+        "model.projection": "mlp",
+        "model.projection_dim": 16,
+        "pretrain.views": 2,
+        "pretrain.augment": "crop-flip",
+        "ce.epochs": 1,
+        "pretrain.epochs": 2,
+        "linear.epochs": 1,
+        "precision": "fp32",
+    }
+    results = supcon.run("compare", out=out, overrides=overrides, progress=False)
+    rows = {r["experiment"]: r for r in results["rows"]}
+    assert set(rows) == {"cross-entropy", "BCL + frozen classifier", "BCL classifier"}
+    bcl_row = rows["BCL classifier"]
+    assert 0.0 <= bcl_row["test_acc"] <= 1.0 and bcl_row["phases"] == ["pretrain"]
+    assert "group_acc" in bcl_row  # long-tailed training set: many/medium/few
+    pre = [m for m in read_metrics(out) if m["phase"] == "pretrain"]
+    assert len(pre) == 2 and all(math.isfinite(m["loss"]) and "train_acc" in m for m in pre)
+    # The saved weights load back into the BCL model; eval finds the same classifier accuracy.
+    cfg = read_config(out)
+    data = load_split(cfg.data, cfg.seed)[0]
+    model = load_phase_model(cfg, data, "pretrain", out / "weights" / "pretrain.safetensors")
+    assert isinstance(model, BCLModel) and model.classifier.weight.shape[0] == data.num_classes
+    evaluated = {
+        r["experiment"]: r["test_acc"] for r in supcon.run("eval", from_dir=out, device="cpu")["rows"]
+    }
+    assert evaluated["BCL classifier"] == pytest.approx(bcl_row["test_acc"])
+
+
+def test_bcl_pretraining_step_waits_only_for_the_loops_reads(tmp_path, monkeypatch):
+    from test_step_syncs import STEPS, _epoch_syncs
+
+    overrides = {"loss.method": "bcl", "model.projection": "mlp", "pretrain.views": 2}
+    per_step, counts = _epoch_syncs(tmp_path, monkeypatch, "pretrain", overrides)
+    assert per_step <= 3 / STEPS + 1e-9, counts  # the loop: 2 running-loss reads + 1 epoch read

@@ -45,12 +45,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from supcon.config import LossConfig
+from supcon.loop import StepOut, ddp_share
+from supcon.prefetch import Batch
+from supcon.runtime import Runtime
+
 __all__ = [
     "BCLLoss",
     "BCLModel",
     "CosineClassifier",
     "LogitAdjustedCE",
     "bcl_loss",
+    "log_prior",
     "logit_adjusted_ce",
     "make_step",
 ]
@@ -68,7 +74,12 @@ def _check_inputs(features: torch.Tensor, labels: torch.Tensor, prototypes: torc
     if labels.shape != (features.shape[0],) or labels.is_floating_point():
         got = f"{labels.dtype} {tuple(labels.shape)}"
         raise ValueError(f"labels must be integer class ids [B = {features.shape[0]}], got {got}")
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= prototypes.shape[0]):
+    # Checked where reading them costs no wait (on the CPU); on a device a bad id fails in index_add_.
+    if (
+        labels.device.type == "cpu"
+        and len(labels)
+        and bool(((labels < 0) | (labels >= len(prototypes))).any())
+    ):
         raise ValueError(f"labels must lie in [0, {prototypes.shape[0]}) (one prototype per class)")
 
 
@@ -86,6 +97,11 @@ def bcl_loss(
     zero attached to the graph (a rank's empty share of a last batch still runs backward).
     """
     _check_inputs(features, labels, prototypes)
+    return _bcl(features, labels, prototypes, temperature, normalize)
+
+
+def _bcl(features, labels, prototypes, temperature: float, normalize: bool = True) -> torch.Tensor:
+    """:func:`bcl_loss` without the checks; nothing in it waits for the device."""
     batch, views, _ = features.shape
     if batch == 0:
         return features.sum() * 0.0 + prototypes.sum() * 0.0
@@ -96,7 +112,9 @@ def bcl_loss(
     keys = torch.cat([z, prototypes])
     y_anchor = labels.repeat(views)
     y_key = torch.cat([y_anchor, torch.arange(n_cls, device=labels.device)])
-    counts = torch.bincount(y_key, minlength=n_cls).to(z.dtype)  # n_c, prototypes included
+    # n_c: one prototype per class plus its anchors (index_add_, not bincount: no data-sized output).
+    ones = torch.ones(n, dtype=z.dtype, device=z.device)
+    counts = torch.ones(n_cls, dtype=z.dtype, device=z.device).index_add_(0, y_anchor, ones)
 
     s = z @ keys.T / temperature  # [N, N + C]
     same = y_anchor[:, None] == y_key[None, :]
@@ -109,24 +127,40 @@ def bcl_loss(
     return (lse - pos_mean).mean()
 
 
+def log_prior(class_counts: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """The logit adjustment ``tau * log(n_c / sum n)`` [C] of the training set's ``class_counts``
+    [C], in float64. A class without training images gets ``-inf`` (the limit of its prior): it never wins a
+    softmax it is not the target of."""
+    if class_counts.dim() != 1:
+        raise ValueError(f"class_counts must have shape [C], got {tuple(class_counts.shape)}")
+    # Checked where reading them costs no wait (on the CPU).
+    if class_counts.device.type == "cpu" and (
+        bool((class_counts < 0).any()) or not bool((class_counts > 0).any())
+    ):
+        raise ValueError("class_counts must be non-negative with at least one positive count")
+    counts = class_counts.double()
+    # tau = 0 is plain cross-entropy, also for a class without images (0 * log 0 would be NaN).
+    return tau * (counts / counts.sum()).log() if tau else torch.zeros_like(counts)
+
+
 def logit_adjusted_ce(
     logits: torch.Tensor, labels: torch.Tensor, class_counts: torch.Tensor, tau: float = 1.0
 ) -> torch.Tensor:
-    """L_LA: cross-entropy of ``logits [N, C] + tau * log(n_c / sum n)`` against ``labels [N]``
-    (``class_counts [C]``: the training set's images per class). A class without training images
-    gets ``-inf`` added (the limit of its prior): it never wins a softmax it is not the target of.
-    An empty batch gives a zero attached to the graph."""
+    """L_LA: cross-entropy of ``logits [N, C] + tau * log(n_c / sum n)`` (:func:`log_prior`) against
+    ``labels [N]``; ``class_counts [C]``: the training set's images per class. An empty batch gives
+    a zero attached to the graph."""
     if logits.dim() != 2 or class_counts.shape != (logits.shape[1],):
         raise ValueError(
             f"logits [N, C] and class_counts [C] must agree, got {tuple(logits.shape)} and "
             f"{tuple(class_counts.shape)}"
         )
-    if bool((class_counts < 0).any()) or not bool((class_counts > 0).any()):
-        raise ValueError("class_counts must be non-negative with at least one positive count")
+    return _adjusted_ce(logits, labels, log_prior(class_counts, tau))
+
+
+def _adjusted_ce(logits: torch.Tensor, labels: torch.Tensor, adjust: torch.Tensor) -> torch.Tensor:
     if len(labels) == 0:
         return logits.sum() * 0.0
-    counts = class_counts.to(device=logits.device, dtype=logits.dtype)
-    return F.cross_entropy(logits + tau * (counts / counts.sum()).log(), labels)
+    return F.cross_entropy(logits + adjust.to(device=logits.device, dtype=logits.dtype), labels)
 
 
 class BCLLoss(nn.Module):
@@ -192,9 +226,9 @@ class BCLModel(nn.Module):
 
 def make_step(
     net: nn.Module,
-    loss_cfg,
-    rt,
-    inputs: Callable,
+    loss_cfg: LossConfig,
+    rt: Runtime,
+    inputs: Callable[[Batch, torch.Generator], torch.Tensor],
     train_y: torch.Tensor,
     views: int,
     class_counts: list[int],
@@ -206,10 +240,8 @@ def make_step(
     the logit adjustment). Every view feeds both branches: the contrastive loss sees the ``V`` views of
     each sample, the cross-entropy each view (the training accuracy counts the first view).
     """
-    from supcon.loop import StepOut, ddp_share
-
-    counts = torch.tensor(class_counts, dtype=torch.float32, device=rt.device)
-    alpha, beta, tau = loss_cfg.bcl_alpha, loss_cfg.bcl_beta, loss_cfg.logit_adjust_tau
+    adjust = log_prior(torch.tensor(class_counts), loss_cfg.logit_adjust_tau).float().to(rt.device)
+    alpha, beta = loss_cfg.bcl_alpha, loss_cfg.bcl_beta
 
     def step(b, n_global, g):
         x = inputs(b, g)  # [V*B, C, H, W]
@@ -218,8 +250,9 @@ def make_step(
             z, logits, prototypes = net(x)
         z = z.float().view(views, len(y), z.shape[-1]).transpose(0, 1)  # [B, V, D]
         logits = logits.float()
-        con = bcl_loss(z, y, prototypes.float(), loss_cfg.temperature)
-        ce = logit_adjusted_ce(logits, y.repeat(views), counts, tau)
+        # The labels come from the dataset (checked there): the unchecked forms, which never wait.
+        con = _bcl(z, y, prototypes.float(), loss_cfg.temperature)
+        ce = _adjusted_ce(logits, y.repeat(views), adjust)
         loss = alpha * ce + beta * con
         # Each rank's loss is over its own share of the batch (its own batch class counts).
         correct = (logits[: len(y)].argmax(1) == y).sum()
