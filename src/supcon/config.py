@@ -25,7 +25,7 @@ Augment = Literal["none", "supcon", "crop-flip"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Projection = Literal["none", "linear", "mlp"]
 ClassifierKind = Literal["dropout-dense", "linear"]
-Method = Literal["supcon", "simclr"]
+Method = Literal["supcon", "simclr", "bcl"]
 Variant = Literal["out", "in", "npairs"]
 Schedule = Literal["constant", "cosine", "step"]
 ImageStore = Literal["auto", "memory", "disk"]
@@ -81,10 +81,14 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    method: Method = "supcon"  # supcon (labels) | simclr (no labels)
+    method: Method = "supcon"  # supcon (labels) | simclr (no labels) | bcl (long-tailed, supcon.bcl)
     variant: Variant = "npairs"
     temperature: float = _num(0.05, gt=0)
     chunk_size: int | None = _num(None, ge=1)
+    # BCL: L = bcl_alpha * logit-adjusted CE + bcl_beta * L_BCL (the paper's CIFAR-LT weights).
+    bcl_alpha: float = _num(2.0, ge=0)
+    bcl_beta: float = _num(0.6, ge=0)
+    logit_adjust_tau: float = _num(1.0, ge=0)  # prior's power in BCL's logit adjustment (0 = plain CE)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from supcon.errors import UsageError
 from supcon.evaluate import accuracy, encoder_knn, extract_features, knn_accuracy, predict
 from supcon.longtail import group_report
 from supcon.loop import Diverged
-from supcon.models import build_encoder_for, load_phase_model
+from supcon.models import Classifier, build_encoder_for, load_phase_model
 from supcon.phases import pretrain, train_ce, train_linear
 from supcon.report import (
     confusion_matrix,
@@ -209,7 +209,15 @@ def finish(
 
 
 def _method(cfg: Config) -> str:
-    return "SupCon" if cfg.loss.method == "supcon" else "SimCLR"
+    return {"supcon": "SupCon", "simclr": "SimCLR", "bcl": "BCL"}.get(cfg.loss.method, cfg.loss.method)
+
+
+def _bcl_rows(run: Run, pre, data: ImageDataset) -> list[dict]:
+    """BCL trains a classifier with the encoder: its own result row (none for other methods)."""
+    if run.cfg.loss.method != "bcl":
+        return []
+    clf = Classifier(pre.encoder, pre.classifier)
+    return [_row(run, "BCL classifier", _predict(run, data, clf), data, ["pretrain"])]
 
 
 def compare(run: Run) -> dict:
@@ -225,6 +233,7 @@ def compare(run: Run) -> dict:
     rows = [
         _row(run, "cross-entropy", preds["ce"][1], data, ["ce"]),
         _row(run, name, preds["linear"][1], data, ["pretrain", "linear"]),
+        *_bcl_rows(run, pre, data),
     ]
     encoders = {"cross-entropy encoder": ce.encoder, f"{_method(run.cfg)} encoder": pre.encoder}
     title = f"supcon compare: {run.cfg.name} on {data.name}"
@@ -249,7 +258,7 @@ def pretrain_only(run: Run) -> dict:
         train, test = (split.train_x, split.train_y), (data.test_x, data.test_y)
         knn = encoder_knn(pre.encoder, train, test, run.rt, data.norm, cfg.knn_k, cfg.knn_temperature)
     name = f"{cfg.loss.method} pre-training (kNN, k={cfg.knn_k})"
-    rows = [_row(run, name, None, data, ["pretrain"], test_acc=knn)]
+    rows = [_row(run, name, None, data, ["pretrain"], test_acc=knn), *_bcl_rows(run, pre, data)]
     title = f"supcon pretrain: {cfg.name} on {data.name}"
     return finish(run, data, title, rows, {f"{_method(cfg)} encoder": pre.encoder})
 
@@ -300,6 +309,9 @@ def evaluate(run_dir: Path, device: str = "auto", retrieval: bool = True) -> dic
         acc = knn_accuracy(train_f, data.train_y, test_f, data.test_y, cfg.knn_k, cfg.knn_temperature)
         rows.append({"experiment": f"pre-trained encoder, kNN (k={cfg.knn_k})", "test_acc": acc})
         encoders[name] = pre.encoder
+        if cfg.loss.method == "bcl":
+            pred = predict(Classifier(pre.encoder, pre.classifier), data.test_x, rt, data.norm)
+            rows.append({"experiment": "BCL classifier", "test_acc": accuracy(pred, data.test_y)})
     if not rows:
         raise UsageError(f"no trained weights in {w}")
     out: dict = {"rows": rows}

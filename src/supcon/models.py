@@ -3,6 +3,8 @@
 - :class:`Classifier`: encoder + classification head (experiment 1, and the classifier phase).
 - :class:`ContrastiveModel`: encoder + projection head (pre-training; the loss sees the projection,
   evaluation the encoder's features).
+- :class:`supcon.bcl.BCLModel`: pre-training with ``loss.method=bcl``: the contrastive model plus a
+  classifier and class prototypes.
 
 Fine-tuning conventions of a phase (:func:`trainable_params`): the encoder learning at a fraction of
 the lr, its BatchNorm layers frozen, its first stages frozen. A frozen BatchNorm stays in eval mode
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from supcon import dist
+from supcon.bcl import BCLModel, CosineClassifier
 from supcon.checkpoint import load_weights
 from supcon.config import Config, PhaseConfig
 from supcon.datasets import ImageDataset
@@ -166,9 +169,24 @@ def build_classifier(
     return Classifier(encoder, build_head(cfg, encoder.feature_dim, data.num_classes))
 
 
-def build_contrastive(cfg: Config, data: ImageDataset, pretrained: bool = False) -> ContrastiveModel:
+def build_contrastive(
+    cfg: Config, data: ImageDataset, pretrained: bool = False
+) -> ContrastiveModel | BCLModel:
+    if cfg.loss.method == "bcl":
+        return build_bcl(cfg, data, pretrained)
     encoder = build_encoder_for(cfg, data, pretrained)
     return ContrastiveModel(encoder, build_projection(cfg, encoder.feature_dim))
+
+
+def build_bcl(cfg: Config, data: ImageDataset, pretrained: bool = False) -> BCLModel:
+    """BCL's model: the contrastive model plus a cosine classifier and a prototype head (the
+    authors' MLP with BatchNorm) from the classifier's weights to the projection's space."""
+    encoder = build_encoder_for(cfg, data, pretrained)
+    d, m = encoder.feature_dim, cfg.model
+    out_dim = d if m.projection == "none" else m.projection_dim
+    prototype_head = ProjectionHead(d, out_dim, hidden_dim=m.projection_hidden, kind="mlp", batch_norm=True)
+    classifier = CosineClassifier(d, data.num_classes)
+    return BCLModel(encoder, build_projection(cfg, d), classifier, prototype_head)
 
 
 BUILDERS = {"ce": build_classifier, "pretrain": build_contrastive, "linear": build_classifier}

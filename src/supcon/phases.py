@@ -16,11 +16,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from supcon import dist
+from supcon import bcl, dist
 from supcon.augment import AugmentConfig, BatchAugment, save_view_grid
 from supcon.datasets import ImageDataset, Normalize, Split
 from supcon.evaluate import accuracy, encoder_knn, extract_features, predict
 from supcon.imageset import StoredImages
+from supcon.longtail import class_counts
 from supcon.loop import Phase, StepOut, ddp_global, ddp_share, fit
 from supcon.loss import supcon_loss
 from supcon.models import (
@@ -177,6 +178,11 @@ def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
             gather=dist.world_size() > 1,
         )
         return StepOut(loss, ddp_global(loss))
+
+    if cfg.loss.method == "bcl":  # classifier and class prototypes trained with the encoder
+        feed = lambda b, g: _inputs(train.train_x, b, augment, rt, data.norm, g, views)  # noqa: E731
+        counts = class_counts(split.train_y, data.num_classes)
+        step = bcl.make_step(net, cfg.loss, rt, feed, train.train_y, views, counts)
 
     def monitor(epoch):
         if not cfg.knn_every or (epoch % cfg.knn_every and epoch != pc.epochs):
