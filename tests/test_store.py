@@ -267,6 +267,10 @@ def test_pretraining_reads_prefetched_crops_from_the_store_reproducibly(tmp_path
     full = supcon.run("pretrain", out=tmp_path / "a", overrides=overrides, progress=False)
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all("data_wait_seconds" in r for r in records)
+    from PIL import Image as PILImage
+
+    with PILImage.open(tmp_path / "a" / "views.png") as grid:  # originals and 4 views of 8 images
+        assert grid.width > 4 * grid.height / 8
     again = supcon.run("pretrain", out=tmp_path / "b", overrides=overrides | {}, progress=False)
     assert again["rows"][0]["test_acc"] == full["rows"][0]["test_acc"]
     a = [json.loads(line)["loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]

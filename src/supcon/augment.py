@@ -478,11 +478,14 @@ def save_view_grid(
     seed: int = 0,
     zoom: int = 3,
     pad: int = 2,
+    crops: torch.Tensor | None = None,
 ) -> Path:
     """Write a PNG: one row per image (the first ``n``), the original then ``views`` augmented views.
 
     Views are shown before normalization (the config's ``normalize`` is switched off for the picture),
-    each tile enlarged ``zoom`` times with nearest-neighbour so small images stay legible.
+    each tile enlarged ``zoom`` times with nearest-neighbour so small images stay legible. ``crops``:
+    the views already cropped (uint8 ``[views * n, S, S, C]``, view-major; stored images), which the
+    augmentation then only flips and colours.
     """
     from PIL import Image
 
@@ -494,7 +497,10 @@ def save_view_grid(
         generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         orig = to_float_nchw(x.cpu())
-        aug = shown(x.cpu(), views=views, generator=generator)
+        if crops is not None:
+            aug = shown(crops.cpu(), views=1, generator=generator)
+        else:
+            aug = shown(x.cpu(), views=views, generator=generator)
     B, C, H, W = orig.shape
     S, T = aug.shape[2:]
     th, tw = max(H, S), max(W, T)

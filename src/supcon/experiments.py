@@ -151,9 +151,12 @@ def _retrieval_panel(run: Run, data: ImageDataset, feats: Features, queries: int
         for name, (train_f, test_f) in feats.items()
     }
     x, y = data.test_x[sel].numpy(), data.test_y[sel].numpy()
-    return plot_retrieval(
-        panels, x, y, data.train_x.numpy(), data.train_y.numpy(), data.classes, run.dir / "retrieval.png"
-    )
+    # Only the gallery images shown are read (a stored gallery may not fit in memory).
+    used = np.unique(np.concatenate([p.reshape(-1) for p in panels.values()] + [np.zeros(0, np.int64)]))
+    panels = {name: np.searchsorted(used, p) for name, p in panels.items()}
+    gallery_x = data.train_x[torch.from_numpy(used)].numpy()
+    gallery_y = data.train_y[torch.from_numpy(used)].numpy()
+    return plot_retrieval(panels, x, y, gallery_x, gallery_y, data.classes, run.dir / "retrieval.png")
 
 
 def finish(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import time
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -96,6 +97,18 @@ def training_data(split: Split, rt: Runtime) -> Split:
     return Split(split.train_x.to(rt.device), split.train_y.to(rt.device), split.val_x, split.val_y)
 
 
+def _view_grid(train_x, run: Run, augment: BatchAugment, views: int) -> None:
+    """A look at what the encoder is trained on: originals and their augmented views."""
+    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(run.cfg.seed))[:8]
+    crops = None
+    if isinstance(train_x, StoredImages):
+        c = augment.config
+        crops = train_x.random_crops(
+            pick, np.random.default_rng(run.cfg.seed), views, c.crop_scale, c.crop_ratio
+        )
+    save_view_grid(train_x[pick], run.dir / "views.png", views=views, augment=augment, crops=crops)
+
+
 def _inputs(train_x, b: Batch, augment: BatchAugment | None, rt: Runtime, norm, g, views: int = 1):
     """A training batch on the device: augmented views (view-major) or the plain images. Its uint8
     images come prefetched (``b.x``: stored images, views already cropped) or are indexed here."""
@@ -156,10 +169,8 @@ def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
     net = wrap_ddp(model, run)
     views = pc.views
     augment, prepare = _feed(split.train_x, pc.augment, data.norm, views)
-    if augment is not None and prepare is None and dist.is_main():
-        # A look at what the encoder is trained on: originals and their augmented views.
-        pick = torch.randperm(len(split.train_y), generator=torch.Generator().manual_seed(cfg.seed))[:8]
-        save_view_grid(split.train_x[pick], run.dir / "views.png", views=max(views, 4), augment=augment)
+    if augment is not None and dist.is_main():
+        _view_grid(split.train_x, run, augment, max(views, 4))
     use_labels = cfg.loss.method == "supcon"
     train = training_data(split, rt)
 
