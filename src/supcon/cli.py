@@ -208,10 +208,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from supcon.experiments import COMMANDS, evaluate_run
+    from supcon.report import metric_text
 
     if not COMMANDS[args.command].trains:
         for r in evaluate_run(args.from_dir, device=args.device or "auto"):
-            print(f"{r['experiment']}: {100 * r['test_acc']:.2f}%")
+            print(f"{r['experiment']}: {metric_text(r)}")
         return 0
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out DIR (the run folder to continue)")

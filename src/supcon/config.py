@@ -30,6 +30,7 @@ Variant = Literal["out", "in", "npairs"]
 Schedule = Literal["constant", "cosine", "step"]
 ImageStore = Literal["auto", "memory", "disk"]
 Sampler = Literal["uniform", "class-balanced", "sqrt"]
+MultiLabelRule = Literal["jaccard", "any"]
 
 
 def choices(tp: Any) -> tuple[str, ...]:
@@ -80,6 +81,9 @@ class LossConfig:
     variant: Variant = "npairs"
     temperature: float = _num(0.05, gt=0)
     chunk_size: int | None = _num(None, ge=1)
+    # Multi-label data (a labels column): positives weighted by label-set overlap (jaccard) or any
+    # shared label counted as a positive (any); see supcon.loss.
+    multilabel: MultiLabelRule = "jaccard"
 
 
 @dataclass

@@ -15,12 +15,19 @@ from pathlib import Path
 
 import torch
 
-from supcon import dist
+from supcon import dist, multilabel
 from supcon.checkpoint import save_weights
 from supcon.config import PHASES, Config, load_preset, set_values
 from supcon.datasets import ImageDataset, Split, load_split
 from supcon.errors import UsageError
-from supcon.evaluate import accuracy, encoder_knn, extract_features, predict
+from supcon.evaluate import (
+    accuracy,
+    encoder_knn,
+    encoder_knn_scores,
+    extract_features,
+    predict,
+    predict_logits,
+)
 from supcon.longtail import group_report
 from supcon.loop import Diverged
 from supcon.models import load_phase_model
@@ -55,8 +62,19 @@ def _classifier_name(cfg: Config) -> str:
     return f"{_encoder_use(cfg)} encoder + classifier"
 
 
-def _row(run: Run, name: str, model, data: ImageDataset, phases: list[str], test_acc=None) -> dict:
+def _row(
+    run: Run, name: str, model, data: ImageDataset, phases: list[str], test_acc=None, scores=None
+) -> dict:
+    """A result row: test accuracy, or for multi-label data mAP, micro/macro-F1 and per-class AP of the
+    model's logits (or of given ``scores``: kNN vote shares)."""
     seconds = {p: [m["seconds"] for m in read_metrics(run.dir) if m["phase"] == p] for p in phases}
+    times = {
+        "train_seconds": sum(sum(s) for s in seconds.values()),
+        "phases": phases,
+        "epoch_seconds": [sum(s) / max(1, len(s)) for s in seconds.values()],
+    }
+    if data.multilabel:
+        return {"experiment": name, **_multilabel_metrics(run, model, data, scores), **times}
     pred = None
     if test_acc is None and dist.is_main():
         pred = predict(model, data.test_x, run.rt, data.norm)
@@ -64,11 +82,18 @@ def _row(run: Run, name: str, model, data: ImageDataset, phases: list[str], test
     return {
         "experiment": name,
         "test_acc": test_acc,
-        "train_seconds": sum(sum(s) for s in seconds.values()),
-        "phases": phases,
-        "epoch_seconds": [sum(s) / max(1, len(s)) for s in seconds.values()],
+        **times,
         **group_report(pred, data, run.cfg.data.imbalance),  # long-tailed data: many/medium/few
     }
+
+
+def _multilabel_metrics(run: Run, model, data: ImageDataset, scores=None) -> dict:
+    if not dist.is_main():
+        return {}
+    if scores is not None:
+        return multilabel.metrics(scores, data.test_y, data.classes, probabilities=True)
+    scores = predict_logits(model, data.test_x, run.rt, data.norm)
+    return multilabel.metrics(scores, data.test_y, data.classes)
 
 
 def _tsne(run: Run, data: ImageDataset, encoders: dict) -> tuple[Path | str, float]:
@@ -94,7 +119,9 @@ def finish(run: Run, data: ImageDataset, title: str, rows: list[dict], encoders:
     curves = plot_curves(read_metrics(run.dir), run.dir / "curves.png")
     if curves:
         images.append(curves)
-    if encoders:
+    if encoders and data.multilabel:
+        images.append("t-SNE map not drawn: multi-label data (an image has several classes, no one colour)")
+    elif encoders:
         path, seconds = _tsne(run, data, encoders)
         images.append(path)
         results["tsne_seconds"] = round(seconds, 1)
@@ -140,12 +167,16 @@ def pretrain_only(run: Run) -> dict:
     data, split = _load(run)
     cfg = run.cfg
     pre = _phase(run, data, "pretrain", lambda: pretrain(run, data, split))
-    knn = None
+    knn = scores = None
     if dist.is_main():
         train, test = (split.train_x, split.train_y), (data.test_x, data.test_y)
-        knn = encoder_knn(pre.encoder, train, test, run.rt, data.norm, cfg.knn_k, cfg.knn_temperature)
+        k, temp = cfg.knn_k, cfg.knn_temperature
+        if data.multilabel:
+            scores = encoder_knn_scores(pre.encoder, train, data.test_x, run.rt, data.norm, k, temp)
+        else:
+            knn = encoder_knn(pre.encoder, train, test, run.rt, data.norm, k, temp)
     name = f"{cfg.loss.method} pre-training (kNN, k={cfg.knn_k})"
-    rows = [_row(run, name, pre, data, ["pretrain"], test_acc=knn)]
+    rows = [_row(run, name, pre, data, ["pretrain"], test_acc=knn, scores=scores)]
     title = f"supcon pretrain: {cfg.name} on {data.name}"
     return finish(run, data, title, rows, {"encoder": pre.encoder})
 
@@ -170,6 +201,11 @@ def evaluate_run(run_dir: Path, device: str = "auto") -> list[dict]:
     for phase in ("ce", "linear"):
         if (w / f"{phase}.safetensors").is_file():
             m = load_phase_model(cfg, data, phase, w / f"{phase}.safetensors").to(rt.device)
+            if data.multilabel:
+                scores = predict_logits(m, data.test_x, rt, data.norm)
+                row = multilabel.metrics(scores, data.test_y, data.classes)
+                out.append({"experiment": names[phase], **row})
+                continue
             out.append(
                 {
                     "experiment": names[phase],
@@ -178,11 +214,14 @@ def evaluate_run(run_dir: Path, device: str = "auto") -> list[dict]:
             )
     if (w / "pretrain.safetensors").is_file():
         pre = load_phase_model(cfg, data, "pretrain", w / "pretrain.safetensors").to(rt.device)
-        acc = encoder_knn(
-            pre.encoder, (data.train_x, data.train_y), (data.test_x, data.test_y), rt, data.norm, cfg.knn_k,
-            cfg.knn_temperature,
-        )  # fmt: skip
-        out.append({"experiment": f"pre-trained encoder, kNN (k={cfg.knn_k})", "test_acc": acc})
+        name, bank = f"pre-trained encoder, kNN (k={cfg.knn_k})", (data.train_x, data.train_y)
+        k, temp = cfg.knn_k, cfg.knn_temperature
+        if data.multilabel:
+            scores = encoder_knn_scores(pre.encoder, bank, data.test_x, rt, data.norm, k, temp)
+            out.append({"experiment": name, **multilabel.metrics(scores, data.test_y, data.classes, True)})
+        else:
+            acc = encoder_knn(pre.encoder, bank, (data.test_x, data.test_y), rt, data.norm, k, temp)
+            out.append({"experiment": name, "test_acc": acc})
     if not out:
         raise UsageError(f"no trained weights in {w}")
     return out
