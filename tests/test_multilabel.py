@@ -198,6 +198,13 @@ def test_class_samplers_refuse_multilabel(kind):
     assert order_fn(_tiny_multilabel().train_y, "uniform") is None  # the plain shuffle works
 
 
+def test_accuracy_refuses_multilabel():
+    from supcon.evaluate import accuracy
+
+    with pytest.raises(UsageError, match="accuracy.*multi-label"):
+        accuracy(torch.zeros(6, dtype=torch.long), _tiny_multilabel().test_y)
+
+
 def test_long_tail_refuses_multilabel():
     with pytest.raises(UsageError, match="data.imbalance.*multi-label"):
         long_tailed(_tiny_multilabel(), 10)
@@ -246,6 +253,8 @@ def test_compare_on_a_tiny_multilabel_manifest(tmp_path, monkeypatch):
     again = supcon.run("eval", from_dir=out)["rows"]
     assert again[0]["map"] == pytest.approx(results["rows"][0]["map"])
     assert again[1]["map"] == pytest.approx(results["rows"][1]["map"])
+    knn = again[2]  # the pre-trained encoder's kNN: vote shares as scores, read at 0.5 themselves
+    assert knn["experiment"].startswith("pre-trained encoder, kNN") and 0 <= knn["map"] <= 1
 
 
 @pytest.mark.slow

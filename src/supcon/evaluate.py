@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from supcon.datasets import Normalize
-from supcon.multilabel import knn_scores, mean_ap
+from supcon.multilabel import knn_scores, mean_ap, refuse
 from supcon.runtime import Runtime
 
 
@@ -64,6 +64,8 @@ def predict(
 
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    if y.dim() == 2:
+        refuse("accuracy (use supcon.multilabel.metrics)")
     return float((pred.cpu() == y.cpu()).float().mean()) if len(y) else float("nan")
 
 
