@@ -31,6 +31,7 @@ Schedule = Literal["constant", "cosine", "step"]
 ImageStore = Literal["auto", "memory", "disk"]
 Sampler = Literal["uniform", "class-balanced", "sqrt"]
 Stem = Literal["auto", "cifar", "imagenet"]
+MultiLabelRule = Literal["jaccard", "any"]
 
 
 def choices(tp: Any) -> tuple[str, ...]:
@@ -89,6 +90,9 @@ class LossConfig:
     bcl_alpha: float = _num(2.0, ge=0)
     bcl_beta: float = _num(0.6, ge=0)
     logit_adjust_tau: float = _num(1.0, ge=0)  # prior's power in BCL's logit adjustment (0 = plain CE)
+    # Multi-label data (a labels column): positives weighted by label-set overlap (jaccard) or any
+    # shared label counted as a positive (any); see supcon.loss.
+    multilabel: MultiLabelRule = "jaccard"
 
 
 @dataclass

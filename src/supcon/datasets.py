@@ -1,4 +1,5 @@
-"""Datasets in a registry. Each entry yields uint8 images [N, H, W, 3], int64 labels and class names.
+"""Datasets in a registry. Each entry yields uint8 images [N, H, W, 3], int64 labels and class names
+(or, for a multi-label CSV manifest, float32 multi-hot labels [N, C]: see :mod:`supcon.multilabel`).
 
 Images stay uint8 (4x smaller than float32) and batches are built by indexing the whole tensor;
 conversion to float and augmentation happen per batch on the training device.
@@ -16,6 +17,7 @@ import torch
 from supcon.errors import UsageError
 from supcon.imageset import take
 from supcon.longtail import long_tailed
+from supcon.multilabel import random_split
 from supcon.registry import DATASETS, register_dataset
 
 
@@ -36,7 +38,7 @@ STORE_FROM = 64
 class ImageDataset:
     name: str
     train_x: torch.Tensor  # uint8 [N, H, W, C]
-    train_y: torch.Tensor  # int64 [N]
+    train_y: torch.Tensor  # int64 [N], or float32 multi-hot [N, C] (multi-label)
     test_x: torch.Tensor
     test_y: torch.Tensor
     classes: list[str]
@@ -54,6 +56,11 @@ class ImageDataset:
         return len(self.classes)
 
     @property
+    def multilabel(self) -> bool:
+        """Whether an image carries a set of classes (multi-hot labels [N, C]) rather than one."""
+        return self.train_y.dim() == 2
+
+    @property
     def image_size(self) -> int:
         return int(self.train_x.shape[1])
 
@@ -65,6 +72,7 @@ class ImageDataset:
         return (
             f"{self.name}: {len(self.train_y)} train / {len(self.test_y)} test images, "
             f"{self.image_size}x{self.image_size}x{self.channels}, {self.num_classes} classes"
+            + (" (multi-label)" if self.multilabel else "")
         )
 
 
@@ -72,14 +80,19 @@ def _from_arrays(name, x_train, y_train, x_test, y_test, classes) -> ImageDatase
     ds = ImageDataset(
         name=name,
         train_x=torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.uint8)),
-        train_y=torch.from_numpy(np.asarray(y_train, dtype=np.int64)),
+        train_y=_labels(y_train),
         test_x=torch.from_numpy(np.ascontiguousarray(x_test, dtype=np.uint8)),
-        test_y=torch.from_numpy(np.asarray(y_test, dtype=np.int64)),
+        test_y=_labels(y_test),
         classes=list(classes),
     )
     if ds.num_classes < 2:
         raise UsageError(f"dataset {name!r} has {ds.num_classes} class; at least 2 are needed")
     return ds
+
+
+def _labels(y) -> torch.Tensor:
+    """Class ids [N] as int64; multi-hot labels [N, C] as float32."""
+    return torch.from_numpy(np.asarray(y, dtype=np.float32 if np.ndim(y) == 2 else np.int64))
 
 
 @register_dataset("digits")
@@ -164,9 +177,13 @@ def load_folder(
     paths = {"train_paths": [f[0] for f in m.train], "test_paths": [f[0] for f in m.test]}
     if use_store(store, image_size):
         return _stored(name, m, image_size, progress) | paths
-    arrays = decode_files(m.root, m.classes, m.train, m.train_y, m.test, m.test_y, image_size=image_size,
-                          progress=progress)  # fmt: skip
-    return _from_arrays(name, *arrays) | paths
+    # The decode cache keeps pixels and class ids; multi-hot labels come from the manifest itself.
+    ids = (np.zeros(len(m.train), np.int64), np.zeros(len(m.test), np.int64)) if m.multilabel else None
+    y_train, y_test = ids or (m.train_y, m.test_y)
+    x_train, _, x_test, _, classes = decode_files(
+        m.root, m.classes, m.train, y_train, m.test, y_test, image_size=image_size, progress=progress
+    )
+    return _from_arrays(name, x_train, m.train_y, x_test, m.test_y, classes) | paths
 
 
 def use_store(store: str, image_size: int | None) -> bool:
@@ -232,16 +249,19 @@ def split_validation(
     x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Carve a stratified validation split from the training set (for model selection; the test set is
-    touched once, at the end)."""
+    touched once, at the end). Multi-label ``y [N, C]``: a seeded random split (not stratified)."""
     if fraction <= 0:
         return x, y, x[:0], y[:0]
-    g = torch.Generator().manual_seed(seed)
-    val_idx = []
-    for c in torch.unique(y):
-        idx = torch.nonzero(y == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        val_idx.append(idx[: max(1, round(len(idx) * fraction))])
-    val = torch.cat(val_idx).sort().values
+    if y.dim() == 2:
+        val = torch.from_numpy(random_split(len(y), fraction, seed))
+    else:
+        g = torch.Generator().manual_seed(seed)
+        val_idx = []
+        for c in torch.unique(y):
+            idx = torch.nonzero(y == c).flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            val_idx.append(idx[: max(1, round(len(idx) * fraction))])
+        val = torch.cat(val_idx).sort().values
     keep = torch.ones(len(y), dtype=torch.bool)
     keep[val] = False
     if not bool(keep.any()):

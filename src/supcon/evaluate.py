@@ -1,4 +1,5 @@
-"""Evaluation: features, predictions, accuracy and the weighted kNN classifier, in eval mode."""
+"""Evaluation: features, predictions, accuracy and the weighted kNN classifier, in eval mode.
+Multi-label data is scored by :mod:`supcon.multilabel` (mAP, F1) from the same logits and kNN votes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from supcon.datasets import Normalize
+from supcon.multilabel import knn_scores, mean_ap, refuse
 from supcon.retrieval import knn_search, weighted_knn_predict
 from supcon.runtime import Runtime
 
@@ -45,6 +47,14 @@ def extract_features(
     return torch.cat(out) if out else torch.zeros(0, 0, device=rt.device)
 
 
+def predict_logits(
+    model: nn.Module, x: torch.Tensor, rt: Runtime, norm: Normalize | None = None, batch_size: int = 1024
+) -> torch.Tensor:
+    """A classifier's logits [N, C] (float32, CPU) of uint8 images (eval mode); [0, 0] for none."""
+    out = _batched(model, x, rt, norm, batch_size)
+    return torch.cat(out).cpu() if out else torch.zeros(0, 0)
+
+
 def predict(
     model: nn.Module, x: torch.Tensor, rt: Runtime, norm: Normalize | None = None, batch_size: int = 1024
 ) -> torch.Tensor:
@@ -54,6 +64,8 @@ def predict(
 
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    if y.dim() == 2:
+        refuse("accuracy (use supcon.multilabel.metrics)")
     return float((pred.cpu() == y.cpu()).float().mean()) if len(y) else float("nan")
 
 
@@ -82,9 +94,29 @@ def encoder_knn(
     norm: Normalize | None,
     k: int,
     temperature: float,
-) -> float:
+) -> float | None:
     """kNN accuracy of ``encoder``'s features: ``query`` images classified by the ``bank`` images,
-    each an (images, labels) pair."""
+    each an (images, labels) pair. Multi-hot labels ``[N, C]``: the kNN mAP (vote shares as class
+    scores; None when no query image carries any class)."""
+    if bank[1].dim() == 2:
+        scores = encoder_knn_scores(encoder, bank, query[0], rt, norm, k, temperature)
+        return mean_ap(scores.numpy(), query[1].cpu().numpy())
     bank_f = extract_features(encoder, bank[0], rt, norm)
     query_f = extract_features(encoder, query[0], rt, norm)
     return knn_accuracy(bank_f, bank[1], query_f, query[1], k, temperature)
+
+
+def encoder_knn_scores(
+    encoder: nn.Module,
+    bank: tuple[torch.Tensor, torch.Tensor],
+    query_x: torch.Tensor,
+    rt: Runtime,
+    norm: Normalize | None,
+    k: int,
+    temperature: float,
+) -> torch.Tensor:
+    """Multi-label kNN scores ``[Q, C]`` in [0, 1] (CPU) of ``query_x``'s images: the weighted share
+    of their ``k`` nearest ``bank`` images (images, multi-hot labels ``[N, C]``) carrying each class."""
+    bank_f = extract_features(encoder, bank[0], rt, norm)
+    query_f = extract_features(encoder, query_x, rt, norm)
+    return knn_scores(bank_f, bank[1], query_f, k, temperature)

@@ -16,12 +16,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from supcon import dist
+from supcon import dist, multilabel
 from supcon.checkpoint import save_weights
 from supcon.config import PHASES, Config, load_preset, set_values
 from supcon.datasets import ImageDataset, Split, load_split
 from supcon.errors import UsageError
-from supcon.evaluate import accuracy, encoder_knn, extract_features, knn_accuracy, predict
+from supcon.evaluate import (
+    accuracy,
+    encoder_knn,
+    encoder_knn_scores,
+    extract_features,
+    knn_accuracy,
+    predict,
+    predict_logits,
+)
 from supcon.longtail import group_report
 from supcon.loop import Diverged
 from supcon.models import Classifier, build_encoder_for, load_phase_model
@@ -66,22 +74,40 @@ def _classifier_name(cfg: Config) -> str:
 
 
 def _predict(run: Run, data: ImageDataset, model) -> torch.Tensor | None:
-    """Test-set predictions (rank 0; None on the other ranks)."""
-    return predict(model, data.test_x, run.rt, data.norm) if dist.is_main() else None
+    """Test-set predictions: class ids, or for multi-label data the logits (rank 0; None elsewhere)."""
+    if not dist.is_main():
+        return None
+    return (predict_logits if data.multilabel else predict)(model, data.test_x, run.rt, data.norm)
 
 
-def _row(run: Run, name: str, pred, data: ImageDataset, phases: list[str], test_acc=None) -> dict:
+def _row(
+    run: Run, name: str, pred, data: ImageDataset, phases: list[str], test_acc=None, scores=None
+) -> dict:
+    """A result row: test accuracy of the predictions ``pred`` (or a given ``test_acc``), or for
+    multi-label data mAP, micro/macro-F1 and per-class AP of the logits ``pred`` or of ``scores``
+    (kNN vote shares)."""
     seconds = {p: [m["seconds"] for m in read_metrics(run.dir) if m["phase"] == p] for p in phases}
+    times = {
+        "train_seconds": sum(sum(s) for s in seconds.values()),
+        "phases": phases,
+        "epoch_seconds": [sum(s) / max(1, len(s)) for s in seconds.values()],
+    }
+    if data.multilabel:
+        return {"experiment": name, **_multilabel_metrics(data, pred, scores), **times}
     if pred is not None:
         test_acc = accuracy(pred, data.test_y)
     return {
         "experiment": name,
         "test_acc": test_acc,
-        "train_seconds": sum(sum(s) for s in seconds.values()),
-        "phases": phases,
-        "epoch_seconds": [sum(s) / max(1, len(s)) for s in seconds.values()],
+        **times,
         **group_report(pred, data, run.cfg.data.imbalance),  # long-tailed data: many/medium/few
     }
+
+
+def _multilabel_metrics(data: ImageDataset, logits, scores) -> dict:
+    if scores is not None:
+        return multilabel.metrics(scores, data.test_y, data.classes, probabilities=True)
+    return {} if logits is None else multilabel.metrics(logits, data.test_y, data.classes)
 
 
 Features = dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder name -> (training, test) features
@@ -177,7 +203,11 @@ def finish(
     if curves:
         images.append(curves)
     sections = []
-    if encoders:
+    if encoders and data.multilabel:
+        # Retrieval metrics, the panel, t-SNE colours and confusion matrices need one class an image.
+        images.append("retrieval, t-SNE map and confusion matrices not drawn: multi-label data")
+        predictions = None
+    elif encoders:
         feats = encoder_features(encoders, data, run.rt)
         results["retrieval"] = retrieval_block(feats, data)
         sections += retrieval_section(
@@ -256,12 +286,16 @@ def pretrain_only(run: Run) -> dict:
     data, split = _load(run)
     cfg = run.cfg
     pre = _phase(run, data, "pretrain", lambda: pretrain(run, data, split))
-    knn = None
+    knn = scores = None
     if dist.is_main():
         train, test = (split.train_x, split.train_y), (data.test_x, data.test_y)
-        knn = encoder_knn(pre.encoder, train, test, run.rt, data.norm, cfg.knn_k, cfg.knn_temperature)
+        k, temp = cfg.knn_k, cfg.knn_temperature
+        if data.multilabel:
+            scores = encoder_knn_scores(pre.encoder, train, data.test_x, run.rt, data.norm, k, temp)
+        else:
+            knn = encoder_knn(pre.encoder, train, test, run.rt, data.norm, k, temp)
     name = f"{cfg.loss.method} pre-training (kNN, k={cfg.knn_k})"
-    rows = [_row(run, name, None, data, ["pretrain"], test_acc=knn), *_bcl_rows(run, pre, data)]
+    rows = [_row(run, name, None, data, ["pretrain"], knn, scores), *_bcl_rows(run, pre, data)]
     title = f"supcon pretrain: {cfg.name} on {data.name}"
     return finish(run, data, title, rows, {f"{_method(cfg)} encoder": pre.encoder})
 
@@ -299,32 +333,45 @@ def evaluate(run_dir: Path, device: str = "auto", retrieval: bool = True) -> dic
     for phase in ("ce", "linear"):
         if (w / f"{phase}.safetensors").is_file():
             m = load_phase_model(cfg, data, phase, w / f"{phase}.safetensors").to(rt.device)
-            acc = accuracy(predict(m, data.test_x, rt, data.norm), data.test_y)
-            rows.append({"experiment": names[phase], "test_acc": acc})
+            rows.append(_test_row(names[phase], m, data, rt))
             if phase == "ce":
                 encoders["cross-entropy encoder"] = m.encoder
     feats: Features = {}
     if (w / "pretrain.safetensors").is_file():
         pre = load_phase_model(cfg, data, "pretrain", w / "pretrain.safetensors").to(rt.device)
-        name = f"{_method(cfg)} encoder"
-        feats = encoder_features({name: pre.encoder}, data, rt)
-        train_f, test_f = feats[name]
-        acc = knn_accuracy(train_f, data.train_y, test_f, data.test_y, cfg.knn_k, cfg.knn_temperature)
-        rows.append({"experiment": f"pre-trained encoder, kNN (k={cfg.knn_k})", "test_acc": acc})
+        name, knn_name = f"{_method(cfg)} encoder", f"pre-trained encoder, kNN (k={cfg.knn_k})"
+        if data.multilabel:
+            bank, k, t = (data.train_x, data.train_y), cfg.knn_k, cfg.knn_temperature
+            scores = encoder_knn_scores(pre.encoder, bank, data.test_x, rt, data.norm, k, t)
+            rows.append(
+                {"experiment": knn_name, **multilabel.metrics(scores, data.test_y, data.classes, True)}
+            )
+        else:
+            feats = encoder_features({name: pre.encoder}, data, rt)
+            train_f, test_f = feats[name]
+            acc = knn_accuracy(train_f, data.train_y, test_f, data.test_y, cfg.knn_k, cfg.knn_temperature)
+            rows.append({"experiment": knn_name, "test_acc": acc})
         encoders[name] = pre.encoder
         if cfg.loss.method == "bcl":
-            pred = predict(Classifier(pre.encoder, pre.classifier), data.test_x, rt, data.norm)
-            rows.append({"experiment": "BCL classifier", "test_acc": accuracy(pred, data.test_y)})
+            rows.append(_test_row("BCL classifier", Classifier(pre.encoder, pre.classifier), data, rt))
     if not rows:
         raise UsageError(f"no trained weights in {w}")
     out: dict = {"rows": rows}
-    if retrieval and encoders:
+    if retrieval and encoders and not data.multilabel:
         feats |= encoder_features({k: v for k, v in encoders.items() if k not in feats}, data, rt)
         out["retrieval"] = retrieval_block({k: feats[k] for k in encoders}, data)
         open_set = _open_set(rt, data, encoders)
         if open_set is not None:
             out["retrieval_open_set"] = open_set
     return out
+
+
+def _test_row(name: str, model, data: ImageDataset, rt) -> dict:
+    """A classifier's test accuracy, or for multi-label data its mAP, F1 scores and per-class AP."""
+    if data.multilabel:
+        logits = predict_logits(model, data.test_x, rt, data.norm)
+        return {"experiment": name, **multilabel.metrics(logits, data.test_y, data.classes)}
+    return {"experiment": name, "test_acc": accuracy(predict(model, data.test_x, rt, data.norm), data.test_y)}
 
 
 def evaluate_run(run_dir: Path, device: str = "auto") -> list[dict]:

@@ -22,6 +22,7 @@ import torch
 
 from supcon.errors import UsageError
 from supcon.imageset import take
+from supcon.multilabel import refuse
 
 if TYPE_CHECKING:
     from supcon.datasets import ImageDataset
@@ -77,6 +78,8 @@ def long_tailed(data: ImageDataset, imbalance: float | None, name: str | None = 
     set (CIFAR) it is the per-class count, as in the reference (which takes ``N / C``). Class order is
     class index order. A class the profile leaves without images is refused by name.
     """
+    if data.multilabel:
+        refuse("data.imbalance (a long-tailed cut by class)")
     imbalance = DEFAULT_IMBALANCE if imbalance is None else check_imbalance(imbalance)
     have = class_counts(data.train_y, data.num_classes)
     counts = profile(min(have), data.num_classes, imbalance)
@@ -126,6 +129,8 @@ def group_accuracy(pred: torch.Tensor, y: torch.Tensor, train_counts: list[int])
 def group_report(pred: torch.Tensor | None, data: ImageDataset, imbalance: float | None) -> dict:
     """``{"group_acc": ...}`` for a result row when the run's training set is long-tailed (``data.imbalance``
     set, or max/min count above 1.5), else ``{}``. Groups follow the training set's counts."""
+    if data.multilabel:
+        return {}  # its rows report per-class AP instead
     counts = class_counts(data.train_y, data.num_classes)
     if pred is None or (imbalance is None and not is_imbalanced(counts)):
         return {}

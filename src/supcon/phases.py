@@ -5,6 +5,9 @@
 - :func:`pretrain` (experiment 2a): contrastive pre-training of encoder + projection head.
 - :func:`train_linear` (experiment 2b): a classifier on the pre-trained encoder, frozen (the linear
   probe) or fine-tuned.
+
+On multi-label data (multi-hot labels, see :mod:`supcon.multilabel`) the classifiers train with
+one-vs-rest binary cross-entropy and pre-training passes the label sets to the loss.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from supcon import bcl, dist
+from supcon import bcl, dist, multilabel
 from supcon.augment import AugmentConfig, BatchAugment, save_view_grid
 from supcon.datasets import ImageDataset, Normalize, Split
-from supcon.evaluate import accuracy, encoder_knn, extract_features, predict
+from supcon.evaluate import accuracy, encoder_knn, extract_features, predict, predict_logits
 from supcon.imageset import StoredImages
 from supcon.longtail import class_counts
 from supcon.loop import Phase, StepOut, ddp_global, ddp_share, fit
@@ -121,15 +124,28 @@ def _inputs(train_x, b: Batch, augment: BatchAugment | None, rt: Runtime, norm, 
 
 
 def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy of class ids ``y [B]``; one-vs-rest binary cross-entropy of multi-hot
+    ``y [B, C]`` (multi-label)."""
     # A rank whose share of a last, tiny batch is empty still runs backward (DDP needs every rank);
     # the mean over no samples would be NaN, a zero with a graph adds nothing.
-    return F.cross_entropy(logits.float(), y) if len(y) else logits.sum() * 0.0
+    if not len(y):
+        return logits.sum() * 0.0
+    return multilabel.bce(logits, y) if y.dim() == 2 else F.cross_entropy(logits.float(), y)
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Correct predictions: the arg-max class, or (multi-label) the whole label set at 0.5."""
+    return multilabel.exact_matches(logits, y) if y.dim() == 2 else (logits.argmax(1) == y).sum()
 
 
 def _val_acc(model: nn.Module, split: Split, data: ImageDataset, rt: Runtime) -> dict:
-    if len(split.val_y):
-        return {"val_acc": round(accuracy(predict(model, split.val_x, rt, data.norm), split.val_y), 6)}
-    return {}
+    if not len(split.val_y):
+        return {}
+    if data.multilabel:
+        scores = predict_logits(model, split.val_x, rt, data.norm)
+        val_map = multilabel.mean_ap(scores.numpy(), split.val_y.numpy())
+        return {"val_map": round(val_map, 6)} if val_map is not None else {}
+    return {"val_acc": round(accuracy(predict(model, split.val_x, rt, data.norm), split.val_y), 6)}
 
 
 def _train_classifier(name: str, model: Classifier, run: Run, data: ImageDataset, split: Split) -> Classifier:
@@ -146,7 +162,7 @@ def _train_classifier(name: str, model: Classifier, run: Run, data: ImageDataset
         with rt.autocast():
             logits = net(x)
         loss = _ce(logits, y)
-        return StepOut(loss, ddp_share(loss, len(b.idx), n_global), (logits.argmax(1) == y).sum())
+        return StepOut(loss, ddp_share(loss, len(b.idx), n_global), _correct(logits, y))
 
     order = order_fn(split.train_y, run.cfg.data.sampler)
     val_acc = lambda e: _val_acc(model, split, data, rt)  # noqa: E731
@@ -155,7 +171,8 @@ def _train_classifier(name: str, model: Classifier, run: Run, data: ImageDataset
 
 
 def train_ce(run: Run, data: ImageDataset, split: Split) -> Classifier:
-    """Experiment 1: encoder and classifier trained together with softmax cross-entropy."""
+    """Experiment 1: encoder and classifier trained together with softmax cross-entropy (multi-label
+    data: one-vs-rest binary cross-entropy, and the training accuracy is the exact-match share)."""
     model = build_classifier(run.cfg, data, pretrained=True)
     return _train_classifier("ce", to_device(model, run.rt), run, data, split)
 
@@ -187,6 +204,7 @@ def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
             variant=cfg.loss.variant,
             chunk_size=cfg.loss.chunk_size,
             gather=dist.world_size() > 1,
+            multilabel=cfg.loss.multilabel if data.multilabel and use_labels else None,
         )
         return StepOut(loss, ddp_global(loss))
 
@@ -204,7 +222,8 @@ def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
         acc = encoder_knn(
             model.encoder, bank, (query, query_y), rt, data.norm, cfg.knn_k, cfg.knn_temperature
         )
-        return {key: round(acc, 6)}
+        key = key.replace("_acc", "_map") if data.multilabel else key  # multi-label: the kNN mAP
+        return {key: round(acc, 6)} if acc is not None else {}
 
     order = order_fn(split.train_y, cfg.data.sampler)
     fit(Phase("pretrain", pc, model, params, step, len(split.train_y), monitor, order, prepare), run)
@@ -252,7 +271,7 @@ def _train_probe(run: Run, data: ImageDataset, split: Split, encoder: nn.Module)
                 f = encoder(_inputs(train.train_x, b, augment, rt, data.norm, g)).float()
         logits = head_net(f)
         loss = _ce(logits, y)
-        return StepOut(loss, ddp_share(loss, len(b.idx), n_global), (logits.argmax(1) == y).sum())
+        return StepOut(loss, ddp_share(loss, len(b.idx), n_global), _correct(logits, y))
 
     def on_epoch_end(epoch):
         out = {"feature_seconds": round(feature_seconds, 3)} if epoch == 1 and feats is not None else {}

@@ -21,13 +21,31 @@ PHASE_TITLES = {
 }
 
 
+# Multi-label rows (supcon.multilabel): their metric keys and column titles, in place of test_acc.
+MULTILABEL_COLUMNS = {"map": "mAP", "micro_f1": "micro-F1", "macro_f1": "macro-F1"}
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def metric_text(row: dict) -> str:
+    """A row's test metric in words: ``91.20%``, or ``mAP 45.10%, micro-F1 ..., macro-F1 ...``."""
+    if "map" in row:
+        return ", ".join(f"{title} {_pct(row.get(k))}" for k, title in MULTILABEL_COLUMNS.items())
+    return _pct(row["test_acc"])
+
+
 def table(rows: list[dict]) -> str:
-    """Rows of {experiment, test_acc, train_seconds, ...} as an aligned text/Markdown table."""
-    head = ["experiment", "test accuracy", "train time", "s/epoch"]
+    """Rows of {experiment, test_acc, train_seconds, ...} as an aligned text/Markdown table (multi-label
+    rows: mAP, micro-F1 and macro-F1 in place of the accuracy)."""
+    keys = list(MULTILABEL_COLUMNS) if any("map" in r for r in rows) else ["test_acc"]
+    titles = [MULTILABEL_COLUMNS.get(k, "test accuracy") for k in keys]
+    head = ["experiment", *titles, "train time", "s/epoch"]
     body = [
         [
             r["experiment"],
-            f"{100 * r['test_acc']:.2f}%",
+            *(_pct(r.get(k)) for k in keys),
             f"{r['train_seconds']:.1f} s",
             " + ".join(f"{s:.2f}" for s in r.get("epoch_seconds", [])),
         ]
@@ -205,7 +223,7 @@ def retrieval_section(heading: str, block: dict) -> list[str]:
 
 def evaluation_text(results: dict) -> str:
     """``supcon eval``'s output: one line per model, then the retrieval tables."""
-    lines = [f"{r['experiment']}: {100 * r['test_acc']:.2f}%" for r in results["rows"]]
+    lines = [f"{r['experiment']}: {metric_text(r)}" for r in results["rows"]]
     for key, heading in (("retrieval", "retrieval"), ("retrieval_open_set", "open-set retrieval")):
         if key in results:
             block = results[key]
@@ -384,6 +402,22 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def ap_lines(rows: list[dict]) -> list[str]:
+    """The report's per-class average precision table of multi-label rows (none: no lines)."""
+    rows = [r for r in rows if r.get("ap_per_class")]
+    if not rows:
+        return []
+    classes = list(rows[0]["ap_per_class"])
+    head = "| class | " + " | ".join(r["experiment"] for r in rows) + " |"
+    lines = ["### Average precision per class", "", head, "|" + "---|" * (len(rows) + 1)]
+    lines += [f"| {c} | " + " | ".join(_pct(r["ap_per_class"].get(c)) for r in rows) + " |" for c in classes]
+    skipped = rows[0].get("classes_skipped", 0)
+    if skipped:
+        why = "have no AP (n/a) and are left out of the mAP"
+        lines += ["", f"{skipped} class(es) with no positive test image {why}."]
+    return lines + [""]
+
+
 def write_report(
     run_dir: Path,
     title: str,
@@ -401,13 +435,14 @@ def write_report(
     images = [i for i in images if not isinstance(i, str)]
     lines = [f"# {title}", ""]
     lines += summary + ["", "## Results", "", table(rows), ""]
+    lines += ap_lines(rows)
     metrics = read_metrics(run_dir)
     for phase, heading in PHASE_TITLES.items():
         rows_p = [m for m in metrics if m["phase"] == phase]
         if not rows_p:
             continue
         last = rows_p[-1]
-        extra = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.endswith("acc"))
+        extra = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.endswith(("acc", "map")))
         mean_s = sum(m["seconds"] for m in rows_p) / len(rows_p)
         lines.append(
             f"- {heading}: {len(rows_p)} epochs, final loss {last['loss']:.4f}"

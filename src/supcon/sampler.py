@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from supcon.errors import UsageError
+from supcon.multilabel import refuse
 
 KINDS = ("uniform", "class-balanced", "sqrt")
 
@@ -63,7 +64,10 @@ def epoch_order(labels: torch.Tensor, kind: str, generator: torch.Generator) -> 
 
 def order_fn(labels: torch.Tensor, kind: str) -> Callable[[torch.Generator], torch.Tensor] | None:
     """A training phase's epoch order (``loop.Phase.order``): None for ``uniform`` (the loop's own
-    shuffle, unchanged), else ``generator -> indices [n]`` over the training labels ``[n]``."""
+    shuffle, unchanged), else ``generator -> indices [n]`` over the training labels ``[n]``.
+    Multi-label data (labels ``[n, C]``) has no class to draw first: only ``uniform``."""
+    if labels.dim() == 2 and kind != "uniform":
+        refuse(f"data.sampler={kind} (draws a class, then an image of it)")
     if kind == "uniform":
         return None
     labels = labels.cpu()
