@@ -130,6 +130,9 @@ def _torchscript(module: Preprocessed, example: torch.Tensor, tmp: str) -> None:
         # Shape checks in Python are recorded as constants: right here, every input has one shape
         # but the batch size, which no such check reads.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # PyTorch deprecates TorchScript for torch.export; the format is kept for the C++ and
+        # mobile runtimes that still load it (ONNX is the lasting choice).
+        warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(module, example, check_trace=False)
     traced.save(tmp)
 
