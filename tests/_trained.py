@@ -35,9 +35,17 @@ def trained_run(tmp_path_factory) -> Path:
     return _RUNS["run"]
 
 
-def digits_test_images(n: int):
-    """uint8 [n, 16, 16, 3] test images and labels of the run's dataset (the same split)."""
-    from supcon.datasets import load_dataset
+def run_data():
+    """The run's dataset, loaded as training loaded it."""
+    from supcon.config import Config, set_values
+    from supcon.datasets import load_split
 
-    data = load_dataset("digits", seed=0)
+    cfg = Config()
+    set_values(cfg, OVERRIDES)
+    return load_split(cfg.data, cfg.seed, progress=False)[0]
+
+
+def digits_test_images(n: int):
+    """uint8 [n, 16, 16, 3] test images and labels of the run's dataset."""
+    data = run_data()
     return data.test_x[:n], data.test_y[:n]

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 import supcon
-from _trained import trained_run  # tests/ is on sys.path under pytest
+from _trained import run_data, trained_run  # tests/ is on sys.path under pytest
 from supcon import embed as embed_mod
-from supcon.datasets import ImageDataset, load_dataset
+from supcon.datasets import ImageDataset
 from supcon.embed import embed_run
 from supcon.errors import UsageError
 
@@ -27,12 +27,13 @@ def model(run):
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_dataset("digits", seed=0)
+    return run_data()
 
 
 def test_npz_holds_the_embeddings_labels_and_classes_of_the_run_dataset(run, model, digits, tmp_path):
     r = embed_run(run, tmp_path / "e.npz", device="cpu", progress=False)
-    assert (r["count"], r["dim"]) == (450, 128)
+    n = len(digits.test_y)
+    assert (r["count"], r["dim"]) == (n, 128)
     f = np.load(tmp_path / "e.npz")  # plain arrays: no pickle needed
     assert f["embeddings"].dtype == np.float32
     np.testing.assert_allclose(f["embeddings"], model.embed(digits.test_x), atol=1e-6)
@@ -40,7 +41,7 @@ def test_npz_holds_the_embeddings_labels_and_classes_of_the_run_dataset(run, mod
     np.testing.assert_array_equal(f["labels"], digits.test_y.numpy())
     assert list(f["class_names"][:5]) == [str(int(y)) for y in digits.test_y[:5]]
     assert list(f["classes"]) == digits.classes
-    np.testing.assert_array_equal(f["indices"], np.arange(450))
+    np.testing.assert_array_equal(f["indices"], np.arange(n))
     assert set(f["splits"]) == {"test"} and "paths" not in f.files
 
 
@@ -48,7 +49,7 @@ def test_all_splits_raw_projection_space(run, model, digits, tmp_path):
     embed_run(run, tmp_path / "p.npz", split="all", space="projection", normalize=False, progress=False)
     f = np.load(tmp_path / "p.npz")
     n_train = len(digits.train_y)
-    assert f["embeddings"].shape == (n_train + 450, 32)
+    assert f["embeddings"].shape == (n_train + len(digits.test_y), 32)
     assert list(f["splits"][[0, n_train - 1, n_train]]) == ["train", "train", "test"]
     want = model.embed(digits.train_x[:40], space="projection", normalize=False)
     np.testing.assert_allclose(f["embeddings"][:40], want, atol=1e-5)
@@ -60,13 +61,14 @@ def test_parquet_streams_row_groups_with_the_same_values(run, model, digits, tmp
     monkeypatch.setattr(embed_mod, "_ROW_GROUP", 100)
     r = embed_run(run, tmp_path / "e.parquet", batch_size=64, progress=False)
     meta = pq.ParquetFile(tmp_path / "e.parquet").metadata
-    assert meta.num_rows == r["count"] == 450 and meta.num_row_groups == 4  # 3 x 128 (two batches each) + 66
+    assert meta.num_rows == r["count"] == len(digits.test_y) == 360
+    assert meta.num_row_groups == 3  # 2 x 128 (two batches of 64 each) + 104
     t = pq.read_table(tmp_path / "e.parquet")
     z = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(z, model.embed(digits.test_x), atol=1e-6)
     assert t.column("label").to_pylist() == digits.test_y.tolist()
     assert t.column("class_name").to_pylist()[:3] == [str(int(y)) for y in digits.test_y[:3]]
-    assert t.column("index").to_pylist() == list(range(450))
+    assert t.column("index").to_pylist() == list(range(360))
 
 
 class SlicesOnly:
@@ -155,7 +157,7 @@ def test_bad_outputs_are_refused_before_any_work(run, tmp_path, monkeypatch):
         embed_run(run, out, progress=False)
     assert out.read_bytes() == b"old"
     embed_run(run, out, overwrite=True, progress=False)
-    assert len(np.load(out)["labels"]) == 450
+    assert len(np.load(out)["labels"]) == 360
     with pytest.raises(UsageError, match=r"name the file \.npz .* or \.parquet"):
         embed_run(run, tmp_path / "e.csv", progress=False)
     real = embed_mod.importlib.util.find_spec
@@ -173,7 +175,7 @@ def _cli(*args):
 def test_cli_embed(run, tmp_path):
     r = _cli("embed", "--from", run, "--out", tmp_path / "e.npz", "--quiet", "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    assert "wrote 450 embeddings (128-d encoder space, L2-normalised)" in r.stdout
+    assert "wrote 360 embeddings (128-d encoder space, L2-normalised)" in r.stdout
     again = _cli("embed", "--from", run, "--out", tmp_path / "e.npz", "--quiet")
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
     bare = tmp_path / "bare"

@@ -62,11 +62,11 @@ def dataset_for(run_dir: Path, model: TrainedModel, path: str | None, progress: 
     """The run's own dataset (from its config), or the data at ``path`` (an image folder is resized to
     the model's image size); ``UsageError`` when the model cannot take its images."""
     if path is None:
+        from supcon.datasets import load_split
         from supcon.rundir import read_config
 
         cfg = read_config(run_dir)
-        d = cfg.data
-        data = load_dataset(d.dataset, d.path, image_size=d.image_size, seed=cfg.seed, progress=progress)
+        data, _ = load_split(cfg.data, cfg.seed, progress)  # as training saw it (exclusions and all)
         source = f"the run's dataset {data.name}"
     else:
         data = load_dataset(None, path, image_size=model.image_size, progress=progress)
