@@ -168,3 +168,20 @@ def test_load_needs_no_dataset_when_model_json_exists(run, monkeypatch):
 
 def _fail(*args, **kwargs):
     raise AssertionError("the dataset was loaded")
+
+
+def test_files_are_prepared_exactly_as_the_store_shows_its_images(tmp_path, monkeypatch):
+    from supcon.modelinfo import preprocess_for
+
+    monkeypatch.setenv("SUPCON_DATA", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "imgs" / split / c).mkdir(parents=True)
+            a = rng.integers(0, 256, (70, 100, 3), dtype=np.uint8)  # not square: resized, then cropped
+            Image.fromarray(a).save(tmp_path / "imgs" / split / c / "0.png")
+    data = load_dataset(None, str(tmp_path / "imgs"), image_size=64, store="disk", progress=False)
+    pre = preprocess_for(data)
+    assert (pre["resize"], pre["resize_to"], pre["crop"], pre["size"]) == ("short-side", 73, "center", 64)
+    for i, path in enumerate(data.test_paths):
+        np.testing.assert_array_equal(prepare(path, 3, pre), data.test_x[i : i + 1][0].numpy())
