@@ -34,12 +34,12 @@ def _denormal_survives() -> bool:
 def test_every_command_is_callable_from_python_and_the_api_leaves_the_process_alone(tmp_path):
     import torch
 
-    from supcon.cli import build_parser
+    from supcon.cli import TOOLS, build_parser
     from supcon.experiments import COMMANDS
 
-    # The command line's subcommands are exactly the API's commands.
+    # The command line's subcommands are exactly the API's commands and the tools that use a run.
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == set(COMMANDS)
+    assert set(sub.choices) == set(COMMANDS) | set(TOOLS)
     torch.set_flush_denormal(False)
     out = tmp_path / "run"
     overrides = {"data.dataset": "digits", "ce.epochs": 1, "precision": "fp32"}

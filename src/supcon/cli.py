@@ -1,10 +1,12 @@
-"""Command line: ``supcon compare | train-ce | pretrain | linear | eval`` (also ``python -m supcon``).
+"""Command line: ``supcon compare | train-ce | pretrain | linear | eval | embed | export`` (also
+``python -m supcon``).
 
 Configuration is layered: a preset (``--preset NAME|FILE``, default ``keras-example``), then the
 explicit flags, then ``--set section.key=value`` for any other field. Every flag is a row of
 :data:`FLAGS` naming the config key it sets, and goes through the same path as ``--set``. The
-commands come from :data:`supcon.experiments.COMMANDS`, the table the Python API uses too. Bad input
-ends with one line on stderr and exit code 2.
+commands come from :data:`supcon.experiments.COMMANDS`, the table the Python API uses too; the
+tools that use a finished run (``embed``, ``export``) from :data:`TOOLS`. Bad input ends with one line
+on stderr and exit code 2.
 
 From here a command flows: :func:`run` -> ``experiments.run_command`` -> ``experiments.compare``
 (or one phase) -> ``phases.pretrain`` -> ``loop.fit`` -> the phase's step -> ``loss.supcon_loss``.
@@ -13,6 +15,7 @@ From here a command flows: :func:`run` -> ``experiments.run_command`` -> ``exper
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +131,20 @@ FLAGS: tuple[Flag, ...] = (
 )
 
 
+# Commands that read a finished run folder (--from DIR) and write files: no config, no run folder of
+# their own. Each module has ``add_arguments(parser)`` and ``main(args) -> exit code``.
+TOOLS: dict[str, tuple[str, str]] = {
+    "embed": (
+        "supcon.embed",
+        "embeddings of a dataset under a run's encoder, to .npz or .parquet (--from DIR)",
+    ),
+    "export": (
+        "supcon.export",
+        "a run's model as TorchScript, ONNX or safetensors, taking uint8 images (--from DIR)",
+    ),
+}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, as for every other bad input
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -196,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_flags(p, name)
         else:
             p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    for name, (module, text) in TOOLS.items():
+        importlib.import_module(module).add_arguments(sub.add_parser(name, help=text, description=text))
     return parser
 
 
@@ -236,6 +255,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in TOOLS:
+        return importlib.import_module(TOOLS[args.command][0]).main(args)
     from supcon.experiments import COMMANDS, evaluate
 
     if not COMMANDS[args.command].trains:

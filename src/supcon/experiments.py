@@ -32,6 +32,7 @@ from supcon.evaluate import (
 )
 from supcon.longtail import group_report
 from supcon.loop import Diverged
+from supcon.modelinfo import write_model_info
 from supcon.models import Classifier, build_encoder_for, load_phase_model
 from supcon.phases import pretrain, train_ce, train_linear
 from supcon.report import (
@@ -49,7 +50,10 @@ from supcon.runtime import resolve_runtime
 
 
 def _load(run: Run) -> tuple[ImageDataset, Split]:
-    return load_split(run.cfg.data, run.cfg.seed, run.progress and dist.is_main())
+    data, split = load_split(run.cfg.data, run.cfg.seed, run.progress and dist.is_main())
+    if dist.is_main():
+        write_model_info(run.dir, run.cfg, data)  # model.json: what the weights need to be used
+    return data, split
 
 
 def _phase(run: Run, data: ImageDataset, phase: str, train: Callable[[], torch.nn.Module]):

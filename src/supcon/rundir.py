@@ -20,7 +20,7 @@ from supcon.runtime import Runtime, resolve_runtime, seed_everything, tune_cpu
 from supcon.stop import StopFlag
 
 # Files a start writes before any training: a folder holding only these is a failed start's stub.
-_STUB_FILES = {"config.yaml", ".lock", "views.png"}
+_STUB_FILES = {"config.yaml", ".lock", "views.png", "model.json"}
 
 
 def default_run_dir(command: str) -> Path:
