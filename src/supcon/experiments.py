@@ -107,8 +107,21 @@ def finish(run: Run, data: ImageDataset, title: str, rows: list[dict], encoders:
     return results
 
 
+JOINT_ROW = "SupCon+CE joint classifier"
+
+
 def _method(cfg: Config) -> str:
-    return "SupCon" if cfg.loss.method == "supcon" else "SimCLR"
+    return {"supcon": "SupCon", "simclr": "SimCLR", "supcon+ce": "SupCon+CE"}[cfg.loss.method]
+
+
+def _joint_rows(run: Run, data: ImageDataset) -> list[dict]:
+    """The classifier ``supcon+ce`` pre-training trained beside the loss (saved by the phase)."""
+    if run.cfg.loss.method != "supcon+ce":
+        return []
+    joint = None
+    if dist.is_main():  # rank 0 wrote the file and evaluates
+        joint = load_phase_model(run.cfg, data, "joint", run.weights("joint")).to(run.rt.device)
+    return [_row(run, JOINT_ROW, joint, data, ["pretrain"])]
 
 
 def compare(run: Run) -> dict:
@@ -123,6 +136,7 @@ def compare(run: Run) -> dict:
     rows = [
         _row(run, "cross-entropy", ce, data, ["ce"]),
         _row(run, name, clf, data, ["pretrain", "linear"]),
+        *_joint_rows(run, data),
     ]
     encoders = {"cross-entropy encoder": ce.encoder, f"{_method(run.cfg)} encoder": pre.encoder}
     return finish(run, data, f"supcon compare: {run.cfg.name} on {data.name}", rows, encoders)
@@ -145,7 +159,7 @@ def pretrain_only(run: Run) -> dict:
         train, test = (split.train_x, split.train_y), (data.test_x, data.test_y)
         knn = encoder_knn(pre.encoder, train, test, run.rt, data.norm, cfg.knn_k, cfg.knn_temperature)
     name = f"{cfg.loss.method} pre-training (kNN, k={cfg.knn_k})"
-    rows = [_row(run, name, pre, data, ["pretrain"], test_acc=knn)]
+    rows = [_row(run, name, pre, data, ["pretrain"], test_acc=knn), *_joint_rows(run, data)]
     title = f"supcon pretrain: {cfg.name} on {data.name}"
     return finish(run, data, title, rows, {"encoder": pre.encoder})
 
@@ -165,9 +179,9 @@ def evaluate_run(run_dir: Path, device: str = "auto") -> list[dict]:
     rt = resolve_runtime(device, cfg.precision, cfg.channels_last)
     data, _ = load_split(cfg.data, cfg.seed)
     w = run_dir / "weights"
-    names = {"ce": "cross-entropy", "linear": _classifier_name(cfg)}
+    names = {"ce": "cross-entropy", "linear": _classifier_name(cfg), "joint": JOINT_ROW}
     out = []
-    for phase in ("ce", "linear"):
+    for phase in ("ce", "linear", "joint"):
         if (w / f"{phase}.safetensors").is_file():
             m = load_phase_model(cfg, data, phase, w / f"{phase}.safetensors").to(rt.device)
             out.append(

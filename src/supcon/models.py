@@ -85,7 +85,18 @@ def build_contrastive(cfg: Config, data: ImageDataset) -> ContrastiveModel:
     return ContrastiveModel(encoder, build_projection(cfg, encoder.feature_dim))
 
 
-BUILDERS = {"ce": build_classifier, "pretrain": build_contrastive, "linear": build_classifier}
+def build_joint(cfg: Config, data: ImageDataset) -> Classifier:
+    """The classifier ``supcon+ce`` pre-training trains beside the loss: a linear head on the encoder."""
+    encoder = build_encoder_for(cfg, data)
+    return Classifier(encoder, LinearHead(encoder.feature_dim, data.num_classes))
+
+
+BUILDERS = {
+    "ce": build_classifier,
+    "pretrain": build_contrastive,
+    "linear": build_classifier,
+    "joint": build_joint,
+}
 
 
 def load_phase_model(cfg: Config, data: ImageDataset, phase: str, path: Path) -> nn.Module:

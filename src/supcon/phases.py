@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -18,11 +19,14 @@ from torch.nn import functional as F
 
 from supcon import dist
 from supcon.augment import AugmentConfig, BatchAugment, save_view_grid
+from supcon.checkpoint import save_weights
 from supcon.datasets import ImageDataset, Normalize, Split
 from supcon.evaluate import accuracy, encoder_knn, extract_features, predict
+from supcon.heads import LinearHead
 from supcon.imageset import StoredImages
 from supcon.loop import Phase, StepOut, ddp_global, ddp_share, fit
 from supcon.loss import supcon_loss
+from supcon.memory import JointNet, PretrainState, QueueModule, ema_update, momentum_copy
 from supcon.models import Classifier, ContrastiveModel, build_classifier, build_contrastive, to_device
 from supcon.prefetch import Batch
 from supcon.rundir import Run
@@ -139,35 +143,57 @@ def train_ce(run: Run, data: ImageDataset, split: Split) -> Classifier:
 
 
 def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
-    """Experiment 2a: contrastive pre-training of the encoder (SupCon with labels, SimCLR without)."""
+    """Experiment 2a: contrastive pre-training of the encoder (SupCon with labels, SimCLR without).
+
+    Options of ``loss`` (see :mod:`supcon.memory`): ``queue_size`` keeps the keys of past batches,
+    which join every anchor's denominator and positives; they are the batch's own detached
+    projections, or with ``key_momentum`` those of a momentum copy of the model. ``method=supcon+ce``
+    also trains a linear classifier on the encoder's features with cross-entropy (its weights go to
+    ``weights/joint.safetensors``, rank 0). Queue, momentum model and classifier are checkpointed
+    with the model. Returns the contrastive model.
+    """
     cfg, rt = run.cfg, run.rt
-    pc = cfg.pretrain
+    pc, lc = cfg.pretrain, cfg.loss
     model = to_device(build_contrastive(cfg, data), rt)
-    net = wrap_ddp(model, run)
+    extra = _pretrain_extras(cfg, data, model, rt)
+    net = wrap_ddp(extra.net, run)
     views = pc.views
     augment, prepare = _feed(split.train_x, pc.augment, data.norm, views)
     if augment is not None and prepare is None and dist.is_main():
         # A look at what the encoder is trained on: originals and their augmented views.
         pick = torch.randperm(len(split.train_y), generator=torch.Generator().manual_seed(cfg.seed))[:8]
         save_view_grid(split.train_x[pick], run.dir / "views.png", views=max(views, 4), augment=augment)
-    use_labels = cfg.loss.method == "supcon"
+    use_labels = lc.method != "simclr"
     train = training_data(split, rt)
+    queue = extra.queue.queue if extra.queue is not None else None
 
     def step(b, n_global, g):
         x = _inputs(train.train_x, b, augment, rt, data.norm, g, views)  # [V*B, C, H, W], view-major
+        n = len(b.idx)
         with rt.autocast():
-            z = net(x)
-        z = z.float().view(views, len(b.idx), z.shape[-1]).transpose(0, 1)  # [B, V, D]; B may be 0
-        labels = train.train_y[b.idx].to(rt.device, non_blocking=True) if use_labels else None
+            z, logits = net(x) if extra.joint else (net(x), None)
+        z = z.float().view(views, n, z.shape[-1]).transpose(0, 1)  # [B, V, D]; B may be 0
+        y = train.train_y[b.idx].to(rt.device, non_blocking=True)
+        labels = y if use_labels else None
+        keys, key_labels = queue.keys() if queue is not None else (None, None)
         loss = supcon_loss(
             z,
             labels,
-            temperature=cfg.loss.temperature,
-            variant=cfg.loss.variant,
-            chunk_size=cfg.loss.chunk_size,
+            temperature=lc.temperature,
+            variant=lc.variant,
+            chunk_size=lc.chunk_size,
             gather=dist.world_size() > 1,
+            keys=keys,
+            key_labels=key_labels if use_labels else None,
         )
-        return StepOut(loss, ddp_global(loss))
+        if queue is not None:  # after the loss: a batch is not its own key; every rank, every step
+            queue.enqueue(_keys_of(extra.ema, x, z, n, views, rt), y)
+        if logits is None:
+            return StepOut(loss, ddp_global(loss))
+        ce = _ce(logits[:n], y)  # the first view's features
+        total = loss.detach() + lc.ce_weight * ce.detach()
+        backward = ddp_global(loss) + lc.ce_weight * ddp_share(ce, n, n_global)
+        return StepOut(total, backward, (logits[:n].argmax(1) == y).sum())
 
     def monitor(epoch):
         if not cfg.knn_every or (epoch % cfg.knn_every and epoch != pc.epochs):
@@ -180,9 +206,54 @@ def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
         )
         return {key: round(acc, 6)}
 
-    params, order = list(model.parameters()), order_fn(split.train_y, cfg.data.sampler)
-    fit(Phase("pretrain", pc, model, params, step, len(split.train_y), monitor, order, prepare), run)
+    params, order = list(extra.net.parameters()), order_fn(split.train_y, cfg.data.sampler)
+    phase = Phase("pretrain", pc, extra.module, params, step, len(split.train_y), monitor, order, prepare)
+    if extra.ema is not None:
+        phase.after_step = lambda: ema_update(extra.ema, model, lc.key_momentum)
+    fit(phase, run)
+    if extra.joint and dist.is_main():
+        joint = Classifier(model.encoder, extra.net.classifier)
+        save_weights(joint, run.weights("joint"), {"phase": "joint", "config": cfg.to_yaml()})
     return model
+
+
+class _Extras(NamedTuple):
+    net: nn.Module  # what the step calls (wrapped for DDP): the model, or model + classifier
+    module: nn.Module  # what is checkpointed: the model alone when nothing else is trained or kept
+    ema: nn.Module | None
+    queue: QueueModule | None
+    joint: bool
+
+
+def _pretrain_extras(cfg, data: ImageDataset, model: ContrastiveModel, rt: Runtime) -> _Extras:
+    """The classifier (supcon+ce), momentum model and queue of a pre-training run, where configured.
+    Without any of them the checkpoint holds the model alone, as it always has."""
+    lc = cfg.loss
+    joint = lc.method == "supcon+ce"
+    net = model
+    if joint:
+        head = LinearHead(model.encoder.feature_dim, data.num_classes).to(rt.device)
+        net = JointNet(model, head, detach=lc.ce_detach)
+    ema = momentum_copy(model) if lc.queue_size and lc.key_momentum else None
+    queue = None
+    if lc.queue_size:
+        dim = cfg.model.projection_dim if cfg.model.projection != "none" else model.encoder.feature_dim
+        queue = QueueModule(lc.queue_size, dim, device=rt.device)
+    if not (joint or ema is not None or queue is not None):
+        return _Extras(model, model, None, None, False)
+    return _Extras(net, PretrainState(net, ema, queue), ema, queue, joint)
+
+
+def _keys_of(ema: nn.Module | None, x, z: torch.Tensor, n: int, views: int, rt: Runtime) -> torch.Tensor:
+    """The keys a step enqueues, ``[B, V, D]`` L2-normalised: the momentum model's projections of the
+    same views, or the batch's own (detached)."""
+    if ema is None or n == 0:
+        k = z.detach()
+    else:
+        with torch.no_grad(), rt.autocast():
+            k = ema(x)
+        k = k.float().view(views, n, k.shape[-1]).transpose(0, 1)
+    return F.normalize(k, dim=-1)
 
 
 def train_linear(run: Run, data: ImageDataset, split: Split, encoder: nn.Module) -> Classifier:
