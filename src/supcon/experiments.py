@@ -266,6 +266,7 @@ def run(
     progress: bool = True,
     from_dir: str | Path | None = None,
     device: str = "auto",
+    seeds: list[int] | None = None,
 ) -> dict:
     """Any command of the command line from Python. ``overrides`` maps dotted keys to values::
 
@@ -275,7 +276,8 @@ def run(
 
     The config starts from ``preset`` (default keras-example), or for ``linear`` from the config of
     the ``from_dir`` run, or on ``resume`` from the saved one. Returns the results dict (also
-    written to ``<out>/results.json``); ``eval`` returns ``{"rows": [...]}``. Process-wide CPU
+    written to ``<out>/results.json``); ``eval`` returns ``{"rows": [...]}``. ``seeds=[0, 1, 2]``
+    repeats the command in ``<out>/seed-N`` and aggregates (:mod:`supcon.repeats`). Process-wide CPU
     settings (:func:`supcon.runtime.tune_cpu`) apply only with ``overrides={"tune_cpu": True}``.
     """
     if command not in COMMANDS:
@@ -287,6 +289,15 @@ def run(
     if not spec.trains:
         return {"rows": evaluate_run(from_dir, device)}
     run_dir = Path(out) if out is not None else default_run_dir(command)
+    if seeds is not None:
+        from supcon.repeats import run_seeds, seed_source
+
+        def one(seed: int, folder: Path, again: bool) -> dict:
+            kw = {"overrides": {**(overrides or {}), "seed": seed}, "overwrite": overwrite, "resume": again}
+            src = seed_source(from_dir, seed)
+            return run(command, preset, folder, **kw, progress=progress, from_dir=src, device=device)
+
+        return run_seeds(command, seeds, run_dir, one, resume=resume)
     cfg = base_config(command, preset, run_dir if resume else None, from_dir)
     set_values(cfg, overrides or {})
     if cfg.tune_cpu is None:
