@@ -10,6 +10,7 @@ from supcon.cli import main
 from supcon.errors import UsageError
 from supcon.repeats import (
     aggregate,
+    fresh_seed_preset,
     mean_std,
     paired_difference,
     parse_seeds,
@@ -125,6 +126,11 @@ def test_seed_lists_and_sources(tmp_path, capsys):
     assert seed_source(tmp_path / "pre", 3) == tmp_path / "pre" / "seed-3"  # a folder of seeds
     assert seed_source(tmp_path / "pre" / "seed-3", 5) == tmp_path / "pre" / "seed-3"  # one run
     assert seed_source(None, 0) is None
+    # a seed that starts on --resume takes a started seed's saved config, unless a preset is given
+    assert fresh_seed_preset("compare", tmp_path / "pre", None) == str(tmp_path / "pre/seed-3/config.yaml")
+    assert fresh_seed_preset("compare", tmp_path / "pre", "cpu-fast") == "cpu-fast"
+    assert fresh_seed_preset("linear", tmp_path / "pre", None) is None  # linear: from --from
+    assert fresh_seed_preset("compare", tmp_path / "none", None) is None
 
 
 TINY = {"data.dataset": "digits", "precision": "fp32", "tune_cpu": False, "model.feature_dim": 32,
@@ -156,3 +162,28 @@ def test_compare_over_two_seeds_writes_seed_folders_and_the_aggregate(tmp_path):
     # resuming the finished repeat reads the seeds back instead of training again
     again = supcon.run("compare", out=out, progress=False, seeds=[0, 1], resume=True)
     assert again == agg
+
+
+@pytest.mark.slow
+def test_cli_seeds_stop_and_resume_continue_every_seed(tmp_path, capsys):
+    out = tmp_path / "ce"
+    args = ["train-ce", "--dataset", "digits", "--epochs", "2", "--batch-size", "256", "--precision", "fp32",
+            "--quiet", "--seeds", "0,1", "--out", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--stop-after", "1"])
+    assert e.value.code == 0
+    err = capsys.readouterr().err
+    assert f"supcon train-ce --seeds 0,1 --resume --out {out}" in err  # continues the whole repeat
+    assert (out / "seed-0" / "checkpoints").is_dir() and not (out / "seed-1").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["train-ce", "--seeds", "0,1", "--resume", "--out", str(out), "--quiet"])
+    assert e.value.code == 0
+    assert "over seeds [0, 1]: mean ± std" in capsys.readouterr().out
+    agg = json.loads((out / "results.json").read_text())
+    assert agg["seeds"] == [0, 1] and agg["rows"][0]["experiment"] == "cross-entropy"
+    for s in (0, 1):
+        run = json.loads((out / f"seed-{s}" / "results.json").read_text())
+        assert agg["rows"][0]["per_seed"][s] == run["rows"][0]["test_acc"]
+        lines = (out / f"seed-{s}" / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 2  # seed 0 resumed after its first epoch, seed 1 ran whole
+        assert f"seed: {s}" in (out / f"seed-{s}" / "config.yaml").read_text()

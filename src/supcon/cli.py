@@ -295,13 +295,15 @@ def _for_seed(args: argparse.Namespace, seed: int, folder: Path | None = None, r
 
 def _train_seeds(args: argparse.Namespace, device: str) -> int:
     """``--seeds``: one run per seed in OUT/seed-N, then the aggregate in OUT (supcon.repeats)."""
-    from supcon.repeats import run_seeds, summary_table
+    from supcon.repeats import fresh_seed_preset, run_seeds, summary_table
 
     class _Stopped(Exception):
         pass
 
     def one(seed: int, folder: Path, again: bool) -> dict:
         sub = _for_seed(args, seed, folder, again)
+        if args.resume and not again:  # a seed not started yet: the started ones' config
+            sub.preset = fresh_seed_preset(args.command, args.out, args.preset)
         results = {}
         _train(sub, resolve_config(sub), device, results)
         if not results:

@@ -290,12 +290,13 @@ def run(
         return {"rows": evaluate_run(from_dir, device)}
     run_dir = Path(out) if out is not None else default_run_dir(command)
     if seeds is not None:
-        from supcon.repeats import run_seeds, seed_source
+        from supcon.repeats import fresh_seed_preset, run_seeds, seed_source
 
         def one(seed: int, folder: Path, again: bool) -> dict:
             kw = {"overrides": {**(overrides or {}), "seed": seed}, "overwrite": overwrite, "resume": again}
+            base = fresh_seed_preset(command, run_dir, preset) if resume and not again else preset
             src = seed_source(from_dir, seed)
-            return run(command, preset, folder, **kw, progress=progress, from_dir=src, device=device)
+            return run(command, base, folder, **kw, progress=progress, from_dir=src, device=device)
 
         return run_seeds(command, seeds, run_dir, one, resume=resume)
     cfg = base_config(command, preset, run_dir if resume else None, from_dir)

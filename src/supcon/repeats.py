@@ -180,6 +180,16 @@ def run_seeds(
     return results
 
 
+def fresh_seed_preset(command: str, out: Path, preset: str | None) -> str | None:
+    """The preset of a seed that starts while the repeat resumes: a started seed's saved config
+    (the flags of the first call are not repeated on ``--resume``), unless a preset is given or the
+    command takes its config from ``--from``."""
+    if preset is not None or command == "linear":
+        return preset
+    started = sorted(Path(out).glob("seed-*/config.yaml"))
+    return str(started[0]) if started else None
+
+
 def seed_source(from_dir: Path | None, seed: int) -> Path | None:
     """``--from`` for one seed: ``from_dir/seed-N`` when ``from_dir`` is a folder of seeds (so each
     seed's classifier trains on the encoder pre-trained with that seed), else ``from_dir``."""
