@@ -219,3 +219,12 @@ def test_joint_training_reports_and_saves_its_classifier(tmp_path):
     assert evaluated[JOINT_ROW] == pytest.approx(rows[JOINT_ROW])
     train_acc = [line for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all('"train_acc"' in line for line in train_acc)  # the joint classifier's, per epoch
+
+
+def test_queue_momentum_and_joint_steps_wait_for_nothing(tmp_path, monkeypatch, one_thread):
+    from test_step_syncs import _epoch_syncs
+
+    overrides = {"loss.queue_size": 64, "loss.key_momentum": 0.9, "loss.method": "supcon+ce",
+                 "model.feature_dim": 16}  # fmt: skip
+    per_step, counts = _epoch_syncs(tmp_path, monkeypatch, "pretrain", overrides)
+    assert per_step <= 0.2, counts  # only the loop's running-loss reads and the epoch end
