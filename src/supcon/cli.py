@@ -46,6 +46,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seed_list(text: str) -> list[int]:
+    from supcon.repeats import parse_seeds
+
+    try:
+        return parse_seeds(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 @dataclass(frozen=True)
 class Flag:
     flag: str
@@ -190,6 +199,12 @@ def _add_flags(p: argparse.ArgumentParser, command: str) -> None:
         help="stop cleanly once a phase has N epochs (continue later with --resume)",
     )
     out.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    out.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="LIST",
+        help="repeat over seeds, e.g. 0,1,2: one run in OUT/seed-N each, then mean ± std in OUT",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,11 +284,11 @@ def run(argv: list[str] | None = None) -> int:
     from supcon.rundir import default_run_dir
 
     args.out = args.out or default_run_dir(args.command)
-    cfg = resolve_config(args)
+    cfg = resolve_config(_for_seed(args, args.seeds[0]) if args.seeds else args)
     # Under torchrun: join the process group (gloo on CPU, NCCL on CUDA); a no-op otherwise.
     device = dist.init_from_env(cfg.device)
     try:
-        code = _train(args, cfg, device)
+        code = _train_seeds(args, device) if args.seeds else _train(args, cfg, device)
         # Every rank finishes (rank 0 writes the last files) before any rank tears down its
         # connections: a rank that exits while a peer still talks to it can abort in gloo.
         dist.barrier()
@@ -282,7 +297,7 @@ def run(argv: list[str] | None = None) -> int:
         dist.destroy()
 
 
-def _train(args: argparse.Namespace, cfg: Config, device: str) -> int:
+def _train(args: argparse.Namespace, cfg: Config, device: str, into: dict | None = None) -> int:
     from supcon import experiments as ex
     from supcon.report import table
     from supcon.rundir import open_run
@@ -307,6 +322,8 @@ def _train(args: argparse.Namespace, cfg: Config, device: str) -> int:
         return 0
     finally:
         run.close()
+    if into is not None:
+        into.update(results)
     if dist.is_main():
         print()
         print(table(results["rows"]))
@@ -314,12 +331,56 @@ def _train(args: argparse.Namespace, cfg: Config, device: str) -> int:
     return 0
 
 
+def _for_seed(args: argparse.Namespace, seed: int, folder: Path | None = None, resume: bool | None = None):
+    """The arguments of one seed's run of ``--seeds``: its own folder, seed and ``--from``."""
+    from supcon.repeats import seed_dir, seed_source
+
+    folder = folder or seed_dir(args.out, seed)
+    resume = args.resume and (folder / "config.yaml").is_file() if resume is None else resume
+    from_dir = seed_source(getattr(args, "from_dir", None), seed)
+    root = {"seeds_out": args.out, "seeds_from": getattr(args, "from_dir", None)}
+    return argparse.Namespace(
+        **{**vars(args), "out": folder, "resume": resume, "seed": seed, "from_dir": from_dir, **root}
+    )
+
+
+def _train_seeds(args: argparse.Namespace, device: str) -> int:
+    """``--seeds``: one run per seed in OUT/seed-N, then the aggregate in OUT (supcon.repeats)."""
+    from supcon.repeats import fresh_seed_preset, run_seeds, summary_table
+
+    class _Stopped(Exception):
+        pass
+
+    def one(seed: int, folder: Path, again: bool) -> dict:
+        sub = _for_seed(args, seed, folder, again)
+        if args.resume and not again:  # a seed not started yet: the started ones' config
+            sub.preset = fresh_seed_preset(args.command, args.out, args.preset)
+        results = {}
+        _train(sub, resolve_config(sub), device, results)
+        if not results:
+            raise _Stopped
+        return results
+
+    try:
+        results = run_seeds(args.command, args.seeds, args.out, one, resume=args.resume)
+    except _Stopped:
+        return 0  # the stopped seed said how to continue; the same command with --resume does
+    if dist.is_main():
+        print(
+            f"\nover seeds {args.seeds}: mean ± std\n{summary_table(results)}\n\nreport: {args.out}/report.md"
+        )
+    return 0
+
+
 def _resume_command(args: argparse.Namespace) -> str:
     """A command that continues this run: the saved config is the base, so no other flag is needed."""
-    parts = ["supcon", args.command]
-    if getattr(args, "from_dir", None) is not None:
-        parts += ["--from", str(args.from_dir)]
-    return " ".join([*parts, "--resume", "--out", str(args.out)])
+    parts, out, from_dir = ["supcon", args.command], args.out, getattr(args, "from_dir", None)
+    if getattr(args, "seeds_out", None) is not None:  # one seed of --seeds: continue them all
+        parts += ["--seeds", ",".join(map(str, args.seeds))]
+        out, from_dir = args.seeds_out, args.seeds_from
+    if from_dir is not None:
+        parts += ["--from", str(from_dir)]
+    return " ".join([*parts, "--resume", "--out", str(out)])
 
 
 def main(argv: list[str] | None = None) -> None:

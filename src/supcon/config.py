@@ -25,7 +25,7 @@ Augment = Literal["none", "supcon", "crop-flip"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Projection = Literal["none", "linear", "mlp"]
 ClassifierKind = Literal["dropout-dense", "linear"]
-Method = Literal["supcon", "simclr", "bcl"]
+Method = Literal["supcon", "simclr", "supcon+ce", "bcl"]
 Variant = Literal["out", "in", "npairs"]
 Schedule = Literal["constant", "cosine", "step"]
 ImageStore = Literal["auto", "memory", "disk"]
@@ -82,10 +82,19 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    method: Method = "supcon"  # supcon (labels) | simclr (no labels) | bcl (long-tailed, supcon.bcl)
+    # supcon (labels) | simclr (no labels) | supcon+ce (SupCon plus a jointly trained linear classifier)
+    # | bcl (long-tailed data, supcon.bcl)
+    method: Method = "supcon"
     variant: Variant = "npairs"
     temperature: float = _num(0.05, gt=0)
     chunk_size: int | None = _num(None, ge=1)
+    # Pre-training memory (supcon.memory): past batches' projections join every anchor's keys; 0 = off.
+    queue_size: int = _num(0, ge=0)
+    # Keys from a momentum (EMA) copy of encoder + projection head, ema = m*ema + (1-m)*online after
+    # each optimizer step (MoCo v2); None/0 = the online model's own detached projections (XBM).
+    key_momentum: float | None = _num(None, ge=0, lt=1)
+    ce_weight: float = _num(1.0, ge=0)  # supcon+ce: weight of the classifier's cross-entropy
+    ce_detach: bool = True  # supcon+ce: the cross-entropy does not train the encoder (stop-gradient)
     # BCL: L = bcl_alpha * logit-adjusted CE + bcl_beta * L_BCL (the paper's CIFAR-LT weights).
     bcl_alpha: float = _num(2.0, ge=0)
     bcl_beta: float = _num(0.6, ge=0)
@@ -318,6 +327,10 @@ def validate(cfg: Config) -> None:
             f"pretrain with views=1 and {why}: no anchor ever has a positive, so the loss teaches "
             "nothing; use pretrain.views >= 2 (with augmentation) or a larger batch"
         )
+    if cfg.loss.key_momentum and not cfg.loss.queue_size:
+        raise UsageError("loss.key_momentum: the momentum encoder fills the queue; set loss.queue_size > 0")
+    if cfg.loss.queue_size and cfg.loss.method == "bcl":
+        raise UsageError("loss.queue_size: the memory queue is for supcon, simclr and supcon+ce, not bcl")
     if cfg.model.blocks is not None and (not 1 <= len(cfg.model.blocks) <= 4 or min(cfg.model.blocks) < 1):
         raise UsageError(f"model.blocks must be 1 to 4 positive counts per stage, got {cfg.model.blocks}")
     from supcon.runtime import check_device_name

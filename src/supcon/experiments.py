@@ -245,8 +245,12 @@ def finish(
     return results
 
 
+JOINT_ROW = "SupCon+CE joint classifier"
+
+
 def _method(cfg: Config) -> str:
-    return {"supcon": "SupCon", "simclr": "SimCLR", "bcl": "BCL"}.get(cfg.loss.method, cfg.loss.method)
+    names = {"supcon": "SupCon", "simclr": "SimCLR", "supcon+ce": "SupCon+CE", "bcl": "BCL"}
+    return names.get(cfg.loss.method, cfg.loss.method)
 
 
 def _bcl_rows(run: Run, pre, data: ImageDataset) -> list[dict]:
@@ -255,6 +259,18 @@ def _bcl_rows(run: Run, pre, data: ImageDataset) -> list[dict]:
         return []
     clf = Classifier(pre.encoder, pre.classifier)
     return [_row(run, "BCL classifier", _predict(run, data, clf), data, ["pretrain"])]
+
+
+def _joint_rows(run: Run, data: ImageDataset) -> list[dict]:
+    """The classifier ``supcon+ce`` pre-training trained beside the loss (saved by the phase)."""
+    if run.cfg.loss.method != "supcon+ce":
+        return []
+    joint = None
+    if dist.is_main():  # rank 0 wrote the file and evaluates
+        joint = load_phase_model(run.cfg, data, "joint", run.weights("joint")).to(run.rt.device)
+    return [
+        _row(run, JOINT_ROW, _predict(run, data, joint) if joint is not None else None, data, ["pretrain"])
+    ]
 
 
 def compare(run: Run) -> dict:
@@ -271,6 +287,7 @@ def compare(run: Run) -> dict:
         _row(run, "cross-entropy", preds["ce"][1], data, ["ce"]),
         _row(run, name, preds["linear"][1], data, ["pretrain", "linear"]),
         *_bcl_rows(run, pre, data),
+        *_joint_rows(run, data),
     ]
     encoders = {"cross-entropy encoder": ce.encoder, f"{_method(run.cfg)} encoder": pre.encoder}
     title = f"supcon compare: {run.cfg.name} on {data.name}"
@@ -300,6 +317,7 @@ def pretrain_only(run: Run) -> dict:
             knn = encoder_knn(pre.encoder, train, test, run.rt, data.norm, k, temp)
     name = f"{cfg.loss.method} pre-training (kNN, k={cfg.knn_k})"
     rows = [_row(run, name, None, data, ["pretrain"], knn, scores), *_bcl_rows(run, pre, data)]
+    rows += _joint_rows(run, data)
     title = f"supcon pretrain: {cfg.name} on {data.name}"
     return finish(run, data, title, rows, {f"{_method(cfg)} encoder": pre.encoder})
 
@@ -332,9 +350,9 @@ def evaluate(run_dir: Path, device: str = "auto", retrieval: bool = True) -> dic
     rt = resolve_runtime(device, cfg.precision, cfg.channels_last)
     data, _ = load_split(cfg.data, cfg.seed)
     w = run_dir / "weights"
-    names = {"ce": "cross-entropy", "linear": _classifier_name(cfg)}
+    names = {"ce": "cross-entropy", "linear": _classifier_name(cfg), "joint": JOINT_ROW}
     rows, encoders = [], {}
-    for phase in ("ce", "linear"):
+    for phase in ("ce", "linear", "joint"):
         if (w / f"{phase}.safetensors").is_file():
             m = load_phase_model(cfg, data, phase, w / f"{phase}.safetensors").to(rt.device)
             rows.append(_test_row(names[phase], m, data, rt))
@@ -449,6 +467,7 @@ def run(
     progress: bool = True,
     from_dir: str | Path | None = None,
     device: str = "auto",
+    seeds: list[int] | None = None,
 ) -> dict:
     """Any command of the command line from Python. ``overrides`` maps dotted keys to values::
 
@@ -458,7 +477,8 @@ def run(
 
     The config starts from ``preset`` (default keras-example), or for ``linear`` from the config of
     the ``from_dir`` run, or on ``resume`` from the saved one. Returns the results dict (also
-    written to ``<out>/results.json``); ``eval`` returns :func:`evaluate`'s dict. Process-wide CPU
+    written to ``<out>/results.json``); ``eval`` returns :func:`evaluate`'s dict. ``seeds=[0, 1, 2]``
+    repeats the command in ``<out>/seed-N`` and aggregates (:mod:`supcon.repeats`). Process-wide CPU
     settings (:func:`supcon.runtime.tune_cpu`) apply only with ``overrides={"tune_cpu": True}``.
     """
     if command not in COMMANDS:
@@ -470,6 +490,16 @@ def run(
     if not spec.trains:
         return evaluate(from_dir, device)
     run_dir = Path(out) if out is not None else default_run_dir(command)
+    if seeds is not None:
+        from supcon.repeats import fresh_seed_preset, run_seeds, seed_source
+
+        def one(seed: int, folder: Path, again: bool) -> dict:
+            kw = {"overrides": {**(overrides or {}), "seed": seed}, "overwrite": overwrite, "resume": again}
+            base = fresh_seed_preset(command, run_dir, preset) if resume and not again else preset
+            src = seed_source(from_dir, seed)
+            return run(command, base, folder, **kw, progress=progress, from_dir=src, device=device)
+
+        return run_seeds(command, seeds, run_dir, one, resume=resume)
     cfg = base_config(command, preset, run_dir if resume else None, from_dir)
     set_values(cfg, overrides or {})
     if cfg.tune_cpu is None:

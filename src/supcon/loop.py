@@ -54,6 +54,7 @@ class Phase:
     # An epoch's indices [n_train] from the data-order generator (supcon.sampler); None: a shuffle.
     order: Callable[[torch.Generator], torch.Tensor] | None = None
     prepare: Prepare | None = None  # reads a batch's images ahead, in the background (stored data)
+    after_step: Callable[[], None] | None = None  # runs after each optimizer step (a momentum update)
 
 
 class Diverged(UsageError):
@@ -156,6 +157,8 @@ def _run_epoch(phase: Phase, run: Run, perm, state: _State, parts, g_state) -> _
             scaler.step(opt)
             scaler.update()
             sched.step()
+            if phase.after_step is not None:
+                phase.after_step()
             totals.loss += out.loss.detach() * len(local)
             if out.correct is not None:
                 totals.correct += out.correct

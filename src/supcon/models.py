@@ -189,7 +189,18 @@ def build_bcl(cfg: Config, data: ImageDataset, pretrained: bool = False) -> BCLM
     return BCLModel(encoder, build_projection(cfg, d), classifier, prototype_head)
 
 
-BUILDERS = {"ce": build_classifier, "pretrain": build_contrastive, "linear": build_classifier}
+def build_joint(cfg: Config, data: ImageDataset) -> Classifier:
+    """The classifier ``supcon+ce`` pre-training trains beside the loss: a linear head on the encoder."""
+    encoder = build_encoder_for(cfg, data)
+    return Classifier(encoder, LinearHead(encoder.feature_dim, data.num_classes))
+
+
+BUILDERS = {
+    "ce": build_classifier,
+    "pretrain": build_contrastive,
+    "linear": build_classifier,
+    "joint": build_joint,
+}
 
 
 def load_phase_model(cfg: Config, data: ImageDataset, phase: str, path: Path) -> nn.Module:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,12 +23,16 @@ from torch.nn import functional as F
 
 from supcon import bcl, dist, multilabel
 from supcon.augment import AugmentConfig, BatchAugment, save_view_grid
+from supcon.checkpoint import save_weights
 from supcon.datasets import ImageDataset, Normalize, Split
+from supcon.errors import UsageError
 from supcon.evaluate import accuracy, encoder_knn, extract_features, predict, predict_logits
+from supcon.heads import LinearHead
 from supcon.imageset import StoredImages
 from supcon.longtail import class_counts
 from supcon.loop import Phase, StepOut, ddp_global, ddp_share, fit
 from supcon.loss import supcon_loss
+from supcon.memory import JointNet, PretrainState, QueueModule, ema_update, momentum_copy
 from supcon.models import (
     Classifier,
     ContrastiveModel,
@@ -178,43 +183,88 @@ def train_ce(run: Run, data: ImageDataset, split: Split) -> Classifier:
 
 
 def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
-    """Experiment 2a: contrastive pre-training of the encoder (SupCon with labels, SimCLR without)."""
+    """Experiment 2a: contrastive pre-training of the encoder (SupCon with labels, SimCLR without).
+
+    Options of ``loss`` (see :mod:`supcon.memory`): ``queue_size`` keeps the keys of past batches,
+    which join every anchor's denominator and positives; they are the batch's own detached
+    projections, or with ``key_momentum`` those of a momentum copy of the model. ``method=supcon+ce``
+    also trains a linear classifier on the encoder's features with cross-entropy (its weights go to
+    ``weights/joint.safetensors``, rank 0). Queue, momentum model and classifier are checkpointed
+    with the model. Returns the contrastive model.
+    """
     cfg, rt = run.cfg, run.rt
-    pc = cfg.pretrain
+    pc, lc = cfg.pretrain, cfg.loss
     model = to_device(build_contrastive(cfg, data, pretrained=True), rt)
-    params = trainable_params(model, pc, "pretrain")
-    net = wrap_ddp(model, run)
+    extra = _pretrain_extras(cfg, data, model, rt)
+    params = trainable_params(extra.net, pc, "pretrain")
+    net = wrap_ddp(extra.net, run)
     views = pc.views
     augment, prepare = _feed(split.train_x, pc.augment, data.norm, views)
     if augment is not None and dist.is_main():
         _view_grid(split.train_x, run, augment, max(views, 4))
-    use_labels = cfg.loss.method == "supcon"
     train = training_data(split, rt)
+    feed = lambda b, g: _inputs(train.train_x, b, augment, rt, data.norm, g, views)  # noqa: E731
+    if lc.method == "bcl":  # classifier and class prototypes trained with the encoder
+        counts = class_counts(split.train_y, data.num_classes)
+        step = bcl.make_step(net, lc, rt, feed, train.train_y, views, counts)
+    else:
+        step = _contrastive_step(net, extra, feed, train.train_y, lc, rt, views, data.multilabel)
+    monitor = _knn_monitor(model, cfg, data, split, rt)
+
+    order = order_fn(split.train_y, cfg.data.sampler)
+    phase = Phase("pretrain", pc, extra.module, params, step, len(split.train_y), monitor, order, prepare)
+    if extra.ema is not None:
+        phase.after_step = lambda: ema_update(extra.ema, model, lc.key_momentum)
+    fit(phase, run)
+    if extra.joint and dist.is_main():
+        joint = Classifier(model.encoder, extra.net.classifier)
+        save_weights(joint, run.weights("joint"), {"phase": "joint", "config": cfg.to_yaml()})
+    return model
+
+
+def _contrastive_step(net, extra, feed, train_y, lc, rt: Runtime, views: int, multilabel_data: bool):
+    """The SupCon (or SimCLR) step, with the memory queue's keys and the joint classifier's
+    cross-entropy where configured."""
+    use_labels = lc.method != "simclr"
+    queue = extra.queue.queue if extra.queue is not None else None
 
     def step(b, n_global, g):
-        x = _inputs(train.train_x, b, augment, rt, data.norm, g, views)  # [V*B, C, H, W], view-major
+        x = feed(b, g)  # [V*B, C, H, W], view-major
+        n = len(b.idx)
         with rt.autocast():
-            z = net(x)
-        z = z.float().view(views, len(b.idx), z.shape[-1]).transpose(0, 1)  # [B, V, D]; B may be 0
-        labels = train.train_y[b.idx].to(rt.device, non_blocking=True) if use_labels else None
+            z, logits = net(x) if extra.joint else (net(x), None)
+        z = z.float().view(views, n, z.shape[-1]).transpose(0, 1)  # [B, V, D]; B may be 0
+        y = train_y[b.idx].to(rt.device, non_blocking=True)
+        keys, key_labels = queue.keys() if queue is not None else (None, None)
         loss = supcon_loss(
             z,
-            labels,
-            temperature=cfg.loss.temperature,
-            variant=cfg.loss.variant,
-            chunk_size=cfg.loss.chunk_size,
+            y if use_labels else None,
+            temperature=lc.temperature,
+            variant=lc.variant,
+            chunk_size=lc.chunk_size,
             gather=dist.world_size() > 1,
-            multilabel=cfg.loss.multilabel if data.multilabel and use_labels else None,
+            multilabel=lc.multilabel if multilabel_data and use_labels else None,
+            keys=keys,
+            key_labels=key_labels if use_labels else None,
         )
-        return StepOut(loss, ddp_global(loss))
+        if queue is not None:  # after the loss: a batch is not its own key; every rank, every step
+            queue.enqueue(_keys_of(extra.ema, x, z, n, views, rt), y)
+        if logits is None:
+            return StepOut(loss, ddp_global(loss))
+        ce = _ce(logits[:n], y)  # the first view's features
+        total = loss.detach() + lc.ce_weight * ce.detach()
+        backward = ddp_global(loss) + lc.ce_weight * ddp_share(ce, n, n_global)
+        return StepOut(total, backward, (logits[:n].argmax(1) == y).sum())
 
-    if cfg.loss.method == "bcl":  # classifier and class prototypes trained with the encoder
-        feed = lambda b, g: _inputs(train.train_x, b, augment, rt, data.norm, g, views)  # noqa: E731
-        counts = class_counts(split.train_y, data.num_classes)
-        step = bcl.make_step(net, cfg.loss, rt, feed, train.train_y, views, counts)
+    return step
+
+
+def _knn_monitor(model, cfg, data: ImageDataset, split: Split, rt: Runtime):
+    """The kNN accuracy (multi-label: mAP) of the encoder every ``knn_every`` epochs: validation split
+    against the training set, or the test set when there is no validation split."""
 
     def monitor(epoch):
-        if not cfg.knn_every or (epoch % cfg.knn_every and epoch != pc.epochs):
+        if not cfg.knn_every or (epoch % cfg.knn_every and epoch != cfg.pretrain.epochs):
             return {}
         key, query = ("val_knn_acc", split.val_x) if len(split.val_y) else ("monitor_knn_acc", data.test_x)
         query_y = split.val_y if len(split.val_y) else data.test_y
@@ -225,9 +275,50 @@ def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
         key = key.replace("_acc", "_map") if data.multilabel else key  # multi-label: the kNN mAP
         return {key: round(acc, 6)} if acc is not None else {}
 
-    order = order_fn(split.train_y, cfg.data.sampler)
-    fit(Phase("pretrain", pc, model, params, step, len(split.train_y), monitor, order, prepare), run)
-    return model
+    return monitor
+
+
+class _Extras(NamedTuple):
+    net: nn.Module  # what the step calls (wrapped for DDP): the model, or model + classifier
+    module: nn.Module  # what is checkpointed: the model alone when nothing else is trained or kept
+    ema: nn.Module | None
+    queue: QueueModule | None
+    joint: bool
+
+
+def _pretrain_extras(cfg, data: ImageDataset, model: ContrastiveModel, rt: Runtime) -> _Extras:
+    """The classifier (supcon+ce), momentum model and queue of a pre-training run, where configured.
+    Without any of them the checkpoint holds the model alone, as it always has."""
+    lc = cfg.loss
+    if lc.queue_size and data.multilabel:
+        raise UsageError(
+            "loss.queue_size: the memory queue takes single-label data (this data is multi-label)"
+        )
+    joint = lc.method == "supcon+ce"
+    net = model
+    if joint:
+        head = LinearHead(model.encoder.feature_dim, data.num_classes).to(rt.device)
+        net = JointNet(model, head, detach=lc.ce_detach)
+    ema = momentum_copy(model) if lc.queue_size and lc.key_momentum else None
+    queue = None
+    if lc.queue_size:
+        dim = cfg.model.projection_dim if cfg.model.projection != "none" else model.encoder.feature_dim
+        queue = QueueModule(lc.queue_size, dim, device=rt.device)
+    if not (joint or ema is not None or queue is not None):
+        return _Extras(model, model, None, None, False)
+    return _Extras(net, PretrainState(net, ema, queue), ema, queue, joint)
+
+
+def _keys_of(ema: nn.Module | None, x, z: torch.Tensor, n: int, views: int, rt: Runtime) -> torch.Tensor:
+    """The keys a step enqueues, ``[B, V, D]`` L2-normalised: the momentum model's projections of the
+    same views, or the batch's own (detached)."""
+    if ema is None or n == 0:
+        k = z.detach()
+    else:
+        with torch.no_grad(), rt.autocast():
+            k = ema(x)
+        k = k.float().view(views, n, k.shape[-1]).transpose(0, 1)
+    return F.normalize(k, dim=-1)
 
 
 def train_linear(run: Run, data: ImageDataset, split: Split, encoder: nn.Module) -> Classifier:
