@@ -131,6 +131,8 @@ def test_a_store_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
     assert changed.path != first.path
     assert not first.path.exists()  # the older store of the same folder is removed
     assert [p.name for p in (cache / "store").iterdir()] == [changed.path.name]
+    other_size = open_store(read_manifest(root), 24, cache_dir=cache, progress=False, workers=1)
+    assert changed.path.exists() and other_size.path.exists()  # another size is another store
 
 
 def test_a_killed_build_resumes_from_its_finished_chunks_and_is_never_trusted_half_done(

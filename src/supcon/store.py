@@ -64,7 +64,8 @@ def store_dir(manifest: Manifest, short_side: int, cache_dir: str | os.PathLike[
     lines += [f"{rel}\t{size}\t{mtime}" for _, rel, size, mtime in manifest.files()]
     key = hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()[:24]
     root_hash = hashlib.sha256(str(manifest.root).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return base / "store" / f"{root_hash}-{key}"
+    # Data and size first: a newer store of the same data at the same size replaces older ones.
+    return base / "store" / f"{root_hash}-s{short_side}-{key}"
 
 
 def open_store(
@@ -147,8 +148,9 @@ def _install(partial: Path, final: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(final)  # an earlier incomplete copy under the final name (no index)
     os.replace(partial, final)
-    # Stores of earlier states of the same data are dead weight (each can be many GiB).
-    prefix = final.name.split("-", 1)[0] + "-"
+    # Stores of earlier states of the same data at the same size are dead weight (each can be many
+    # GiB); other sizes are kept for the runs that train at them.
+    prefix = final.name.rsplit("-", 1)[0] + "-"
     for old in final.parent.glob(f"{prefix}*"):
         if old != final and not old.name.endswith(".partial"):
             shutil.rmtree(old, ignore_errors=True)
