@@ -255,6 +255,13 @@ def test_compare_on_a_tiny_multilabel_manifest(tmp_path, monkeypatch):
     assert again[1]["map"] == pytest.approx(results["rows"][1]["map"])
     knn = again[2]  # the pre-trained encoder's kNN: vote shares as scores, read at 0.5 themselves
     assert knn["experiment"].startswith("pre-trained encoder, kNN") and 0 <= knn["map"] <= 1
+    # As a Python object: label sets, from each class's sigmoid.
+    model = supcon.load(out)
+    probs = model.predict_proba(np.zeros((3, 12, 12, 3), np.uint8))
+    logits = model.outputs(torch.zeros(3, 12, 12, 3, dtype=torch.uint8), "classifier")
+    np.testing.assert_allclose(probs, logits.sigmoid().numpy(), rtol=1e-5)
+    sets = model.predict(np.zeros((3, 12, 12, 3), np.uint8))
+    assert sets == [[c for c, p in zip(model.classes, row, strict=True) if p > 0.5] for row in probs]
 
 
 @pytest.mark.slow

@@ -209,7 +209,7 @@ def finish(
     sections = []
     if encoders and data.multilabel:
         # Retrieval metrics, the panel, t-SNE colours and confusion matrices need one class an image.
-        images.append("retrieval, t-SNE map and confusion matrices not drawn: multi-label data")
+        images.append("t-SNE map not drawn, nor retrieval metrics or confusion matrices: multi-label data")
         predictions = None
     elif encoders:
         feats = encoder_features(encoders, data, run.rt)

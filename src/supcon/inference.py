@@ -80,6 +80,7 @@ class TrainedModel:
         self.classifier_phase = _pick(found, classifier, CLASSIFIER_PHASES, "the classifier", self.run_dir)
         self.info = read_model_info(self.run_dir)
         self.classes: list[str] = list(self.info["classes"])
+        self.multilabel: bool = bool(self.info.get("multilabel", False))
         self.image_size: int = int(self.info["image_size"])
         self.channels: int = int(self.info["channels"])
         n = self.info.get("normalization")
@@ -148,11 +149,19 @@ class TrainedModel:
         return (F.normalize(z, dim=1) if normalize else z).numpy()
 
     def predict_proba(self, images: Any, batch_size: int = 256) -> np.ndarray:
-        """Class probabilities float32 [N, num_classes] (softmax of the classifier's logits)."""
-        return self._run(images, "classifier", batch_size).softmax(1).numpy()
+        """Class probabilities float32 [N, num_classes]: the softmax of the classifier's logits, or
+        for a multi-label run each class's sigmoid."""
+        logits = self._run(images, "classifier", batch_size)
+        return (logits.sigmoid() if self.multilabel else logits.softmax(1)).numpy()
 
-    def predict(self, images: Any, batch_size: int = 256) -> list[str]:
-        """Predicted class names, one per image."""
+    def predict(self, images: Any, batch_size: int = 256) -> list:
+        """Predicted class names: one per image, or for a multi-label run a list per image (the classes
+        whose probability is above 0.5)."""
+        if self.multilabel:
+            return [
+                [c for c, p in zip(self.classes, row, strict=True) if p > 0.5]
+                for row in self.predict_proba(images, batch_size)
+            ]
         ids = self._run(images, "classifier", batch_size).argmax(1).tolist()
         return [self.classes[i] for i in ids]
 

@@ -60,6 +60,7 @@ def model_info(cfg: Config, data: ImageDataset) -> dict[str, Any]:
         "format": FORMAT,
         "dataset": data.name,
         "classes": list(data.classes),
+        "multilabel": bool(data.multilabel),  # several classes an image: sigmoid outputs, not softmax
         "image_size": data.image_size,
         "channels": data.channels,
         # Model input: uint8 NHWC -> float in [0, 1] -> (x - mean) / std per channel (when given).
