@@ -96,9 +96,7 @@ def _labels(y) -> torch.Tensor:
 
 
 @register_dataset("digits")
-def load_digits(
-    image_size: int | None = None, seed: int = 0, test_fraction: float = 0.25, **_
-) -> ImageDataset:
+def load_digits(image_size: int | None = None, seed: int = 0, **_) -> ImageDataset:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images; works offline).
 
     Shown at 16x16 by default (nearest-neighbour, each pixel doubled): the Keras example's CNN needs at
@@ -116,7 +114,8 @@ def load_digits(
     x = x.repeat(size // 8, axis=1).repeat(size // 8, axis=2)
     x = np.repeat(x[..., None], 3, axis=3)
     y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    # Its own fixed share: data.test_fraction is for image files given without a split.
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
     return _from_arrays("digits", x_tr, y_tr, x_te, y_te, [str(c) for c in bunch.target_names])
 
 
