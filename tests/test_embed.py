@@ -61,14 +61,14 @@ def test_parquet_streams_row_groups_with_the_same_values(run, model, digits, tmp
     monkeypatch.setattr(embed_mod, "_ROW_GROUP", 100)
     r = embed_run(run, tmp_path / "e.parquet", batch_size=64, progress=False)
     meta = pq.ParquetFile(tmp_path / "e.parquet").metadata
-    assert meta.num_rows == r["count"] == len(digits.test_y) == 360
+    assert meta.num_rows == r["count"] == len(digits.test_y) == 450
     assert meta.num_row_groups == 3  # 2 x 128 (two batches of 64 each) + 104
     t = pq.read_table(tmp_path / "e.parquet")
     z = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(z, model.embed(digits.test_x), atol=1e-6)
     assert t.column("label").to_pylist() == digits.test_y.tolist()
     assert t.column("class_name").to_pylist()[:3] == [str(int(y)) for y in digits.test_y[:3]]
-    assert t.column("index").to_pylist() == list(range(360))
+    assert t.column("index").to_pylist() == list(range(450))
 
 
 class SlicesOnly:
@@ -157,7 +157,7 @@ def test_bad_outputs_are_refused_before_any_work(run, tmp_path, monkeypatch):
         embed_run(run, out, progress=False)
     assert out.read_bytes() == b"old"
     embed_run(run, out, overwrite=True, progress=False)
-    assert len(np.load(out)["labels"]) == 360
+    assert len(np.load(out)["labels"]) == 450
     with pytest.raises(UsageError, match=r"name the file \.npz .* or \.parquet"):
         embed_run(run, tmp_path / "e.csv", progress=False)
     real = embed_mod.importlib.util.find_spec
@@ -175,7 +175,7 @@ def _cli(*args):
 def test_cli_embed(run, tmp_path):
     r = _cli("embed", "--from", run, "--out", tmp_path / "e.npz", "--quiet", "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    assert "wrote 360 embeddings (128-d encoder space, L2-normalised)" in r.stdout
+    assert "wrote 450 embeddings (128-d encoder space, L2-normalised)" in r.stdout
     again = _cli("embed", "--from", run, "--out", tmp_path / "e.npz", "--quiet")
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
     bare = tmp_path / "bare"

@@ -331,3 +331,12 @@ def test_a_run_on_the_store_stopped_mid_epoch_resumes_bit_identically(tmp_path, 
     wa = load_file(str(tmp_path / "a" / "weights" / "ce.safetensors"))
     wb = load_file(str(tmp_path / "b" / "weights" / "ce.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_parallel_build_equals_a_serial_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_mod, "_CHUNK", 4)
+    m = read_manifest(_photos(tmp_path / "p", per_class=6))
+    serial = open_store(m, 24, cache_dir=tmp_path / "a", progress=False, workers=1)
+    parallel = open_store(m, 24, cache_dir=tmp_path / "b", progress=False, workers=2)
+    np.testing.assert_array_equal(np.asarray(parallel.images), np.asarray(serial.images))
+    np.testing.assert_array_equal(parallel.offsets, serial.offsets)

@@ -6,7 +6,7 @@ width) per image. Training maps the file and reads the images of each batch from
 are the page cache's, not the process's, so resident anonymous memory stays bounded whatever the
 size of the dataset.
 
-Building is parallel (one process a CPU), resumable and never trusted half-done: it writes into
+Building is parallel (one thread a CPU), resumable and never trusted half-done: it writes into
 ``<store>.partial/``, records each finished chunk of images there, and only a complete store is
 renamed into place. A killed build continues from its finished chunks when the same data is asked
 for again. Stores are keyed like the decode cache (every file's path, size and mtime, the short
@@ -19,10 +19,9 @@ import contextlib
 import errno
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
-import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,15 +209,21 @@ def _source_shapes(files: list[_File], partial: Path, n_workers: int, progress: 
 
 
 def _run(fn, jobs: list, n_workers: int):
+    """``fn`` over ``jobs`` in ``n_workers`` threads, results as they finish. Threads, not processes:
+    Pillow and numpy release the GIL while they decode, resize and copy, and a forked process of a
+    program that already runs threads (torch's, a progress bar's, a training's prefetch) can hang
+    on a lock one of them held."""
     if n_workers <= 1 or len(jobs) <= 1:
         yield from map(fn, jobs)
         return
-    # fork: the children only run Pillow and numpy (see imagefolder._decode_all).
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
-        pool = multiprocessing.get_context("fork").Pool(n_workers)
-    with pool:
-        yield from pool.imap_unordered(fn, jobs)
+    with ThreadPoolExecutor(n_workers, thread_name_prefix="supcon-store") as pool:
+        futures = [pool.submit(fn, job) for job in jobs]
+        try:
+            for f in as_completed(futures):
+                yield f.result()
+        finally:
+            for f in futures:
+                f.cancel()
 
 
 def _shape_job(job):
