@@ -29,7 +29,7 @@ def trained_run(tmp_path_factory) -> Path:
         with pytest.MonkeyPatch.context() as mp:
             # The report's t-SNE map takes most of such a run (a minute on a busy CPU) and is not
             # what these tests read: its file is left out.
-            mp.setattr("supcon.experiments.plot_tsne", lambda maps, y, classes, path, seed: path)
+            mp.setattr("supcon.retrieval_report.plot_tsne", lambda maps, y, classes, path, seed: path)
             supcon.run("compare", out=out, overrides=OVERRIDES, progress=False)
         _RUNS["run"] = out
     return _RUNS["run"]

@@ -8,12 +8,10 @@ Each training command writes a run folder (see :mod:`supcon.rundir`); :func:`fin
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from supcon import dist, multilabel
@@ -25,7 +23,6 @@ from supcon.evaluate import (
     accuracy,
     encoder_knn,
     encoder_knn_scores,
-    extract_features,
     knn_accuracy,
     predict,
     predict_logits,
@@ -39,12 +36,17 @@ from supcon.report import (
     confusion_matrix,
     plot_confusion,
     plot_curves,
-    plot_retrieval,
-    plot_tsne,
     retrieval_section,
     write_report,
 )
-from supcon.retrieval import knn_search, retrieval_metrics
+from supcon.retrieval_report import (
+    Features,
+    encoder_features,
+    open_set_block,
+    retrieval_block,
+    retrieval_panel,
+    tsne_map,
+)
 from supcon.rundir import Run, default_run_dir, open_run, read_config, read_metrics
 from supcon.runtime import resolve_runtime
 
@@ -114,81 +116,6 @@ def _multilabel_metrics(data: ImageDataset, logits, scores) -> dict:
     return {} if logits is None else multilabel.metrics(logits, data.test_y, data.classes)
 
 
-Features = dict[str, tuple[torch.Tensor, torch.Tensor]]  # encoder name -> (training, test) features
-
-
-def encoder_features(encoders: dict, data: ImageDataset, rt) -> Features:
-    """Each encoder's features [N, D] of the training and the test images (CPU), extracted once for
-    retrieval, its panel and the t-SNE map."""
-    return {
-        name: tuple(extract_features(enc, x, rt, data.norm).cpu() for x in (data.train_x, data.test_x))
-        for name, enc in encoders.items()
-    }
-
-
-KNN_TEMPERATURE = 0.07  # the retrieval rows' kNN (InstDisc's); the kNN monitor has its own setting
-
-
-def retrieval_block(feats: Features, data: ImageDataset) -> dict:
-    """Retrieval of each encoder: the test images as queries, the training images as the gallery."""
-    return {
-        "queries": f"the {len(data.test_y)} test images",
-        "gallery": f"the {len(data.train_y)} training images",
-        "features": "L2-normalised encoder features, cosine similarity",
-        "knn_temperature": KNN_TEMPERATURE,
-        "encoders": {
-            name: retrieval_metrics(test_f, data.test_y, train_f, data.train_y, knn_t=KNN_TEMPERATURE)
-            for name, (train_f, test_f) in feats.items()
-        },
-    }
-
-
-def _open_set(rt, data: ImageDataset, encoders: dict) -> dict | None:
-    """Retrieval among the classes no phase trained on (``data.exclude_classes``)."""
-    held = data.held_out
-    if held is None or not encoders:
-        return None
-    block = retrieval_block(encoder_features(encoders, held, rt), held)
-    names = sorted({held.classes[int(c)] for c in torch.unique(torch.cat([held.train_y, held.test_y]))})
-    return block | {"classes": names}
-
-
-def _sample(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    return torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-
-
-def _tsne(run: Run, data: ImageDataset, feats: Features) -> tuple[Path | str, float]:
-    sel = _sample(data.test_y, min(len(data.test_y), 2000), run.cfg.seed)
-    maps = {name: test_f[sel].numpy() for name, (_, test_f) in feats.items()}
-    t0 = time.perf_counter()
-    path = plot_tsne(maps, data.test_y[sel].numpy(), data.classes, run.dir / "tsne.png", run.cfg.seed)
-    return path, time.perf_counter() - t0
-
-
-def _retrieval_panel(run: Run, data: ImageDataset, feats: Features, queries: int = 6) -> Path | str:
-    """A few test queries (of different classes where there are enough) and their 8 nearest training
-    images, one panel per encoder."""
-    y_all = data.test_y.tolist()
-    perm = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(run.cfg.seed)).tolist()
-    by_class: dict[int, int] = {}
-    for i in perm:
-        by_class.setdefault(y_all[i], i)
-    picked = list(by_class.values())[:queries]
-    picked += [i for i in perm if i not in set(picked)][: queries - len(picked)]
-    sel = torch.tensor(sorted(picked, key=lambda i: (y_all[i], i)), dtype=torch.long)
-    panels = {
-        name: knn_search(test_f[sel], train_f, 8)[1].numpy() if len(sel) else np.zeros((0, 0), dtype=np.int64)
-        for name, (train_f, test_f) in feats.items()
-    }
-    x, y = data.test_x[sel].numpy(), data.test_y[sel].numpy()
-    # Only the gallery images shown are read (a stored gallery may not fit in memory).
-    used = np.unique(np.concatenate([p.reshape(-1) for p in panels.values()] + [np.zeros(0, np.int64)]))
-    panels = {name: np.searchsorted(used, p) for name, p in panels.items()}
-    gallery_x = data.train_x[torch.from_numpy(used)].numpy()
-    gallery_y = data.train_y[torch.from_numpy(used)].numpy()
-    return plot_retrieval(panels, x, y, gallery_x, gallery_y, data.classes, run.dir / "retrieval.png")
-
-
 def finish(
     run: Run,
     data: ImageDataset,
@@ -217,13 +144,13 @@ def finish(
         sections += retrieval_section(
             "Retrieval (test images against the training set)", results["retrieval"]
         )
-        open_set = _open_set(run.rt, data, encoders)
+        open_set = open_set_block(run.rt, data, encoders)
         if open_set is not None:
             results["retrieval_open_set"] = open_set
             heading = f"Open-set retrieval (classes never trained on: {', '.join(open_set['classes'])})"
             sections += retrieval_section(heading, open_set)
-        images.append(_retrieval_panel(run, data, feats))
-        path, seconds = _tsne(run, data, feats)
+        images.append(retrieval_panel(run, data, feats))
+        path, seconds = tsne_map(run, data, feats)
         images.append(path)
         results["tsne_seconds"] = round(seconds, 1)
     for phase, (name, pred) in (predictions or {}).items():
@@ -382,7 +309,7 @@ def evaluate(run_dir: Path, device: str = "auto", retrieval: bool = True) -> dic
     if retrieval and encoders and not data.multilabel:
         feats |= encoder_features({k: v for k, v in encoders.items() if k not in feats}, data, rt)
         out["retrieval"] = retrieval_block({k: feats[k] for k in encoders}, data)
-        open_set = _open_set(rt, data, encoders)
+        open_set = open_set_block(rt, data, encoders)
         if open_set is not None:
             out["retrieval_open_set"] = open_set
     return out
