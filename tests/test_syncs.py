@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import supcon.augment as augment_mod
-import supcon.loss as loss_mod
+import supcon.loss_inputs as loss_inputs
 from supcon.augment import BatchAugment
 from supcon.loss import supcon_loss
 from sync_counter import SyncCounter
@@ -98,7 +98,7 @@ def test_tensor_temperature_is_read_only_on_the_cpu():
     c = _loss_syncs(LABELS, temperature=torch.tensor(0.2))
     assert c.counts == {"aten::_local_scalar_dense": 1}, c.counts
     meta = torch.tensor(0.2, device="meta")
-    assert loss_mod._check_temperature_tensor(meta) is None
+    assert loss_inputs.check_temperature_tensor(meta) is None
 
 
 def _augment_syncs(aug: BatchAugment):
