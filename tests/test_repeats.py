@@ -78,7 +78,7 @@ def test_aggregate_gives_per_experiment_mean_std_and_paired_differences_for_comp
     assert sup["mean"] == pytest.approx(0.10) and sup["std"] == pytest.approx(0.05)
     assert len(agg["paired"]) == 2
     text = report_text(agg)
-    assert "| cross-entropy | 75.00 ± 5.00 | 70.00, 80.00, 75.00 |" in text
+    assert "| cross-entropy | accuracy | 75.00 ± 5.00 | 70.00, 80.00, 75.00 |" in text
     assert "95% CI [-2.42, 22.42] (Student t, 2 degrees of freedom)" in text
     assert (
         aggregate("train-ce", {0: {"rows": [{"experiment": "cross-entropy", "test_acc": 0.5}]}})["paired"]
@@ -86,6 +86,64 @@ def test_aggregate_gives_per_experiment_mean_std_and_paired_differences_for_comp
     )
     with pytest.raises(UsageError, match="seed 1 reports"):
         aggregate("compare", {0: _results(0.7, 0.8), 1: _results(0.7, 0.8, 0.9)})
+
+
+def _lt_row(name, acc, many, medium, few):
+    return {
+        "experiment": name,
+        "test_acc": acc,
+        "group_acc": {"overall": acc, "many": many, "medium": medium, "few": few},
+    }
+
+
+def test_aggregate_carries_long_tail_groups_and_multilabel_map_over_seeds():
+    per_seed = {
+        0: {
+            "rows": [
+                _lt_row("cross-entropy", 0.60, 0.90, 0.50, 0.10),
+                _lt_row("BCL classifier", 0.62, 0.80, 0.60, 0.30),
+            ]
+        },
+        1: {
+            "rows": [
+                _lt_row("cross-entropy", 0.64, 0.94, 0.54, 0.20),
+                _lt_row("BCL classifier", 0.66, 0.84, 0.62, 0.40),
+            ]
+        },
+    }
+    agg = aggregate("compare", per_seed)
+    bcl = agg["rows"][1]
+    assert bcl["metric"] == "test_acc" and bcl["test_acc"] == pytest.approx(0.64)
+    assert bcl["metrics"]["few_acc"]["per_seed"] == [0.30, 0.40]
+    assert bcl["metrics"]["few_acc"]["mean"] == pytest.approx(0.35)
+    assert bcl["metrics"]["few_acc"]["std"] == pytest.approx(0.05 * math.sqrt(2))
+    assert "overall_acc" not in bcl["metrics"]  # the headline already is the overall accuracy
+    text = report_text(agg)
+    assert "| experiment | metric | mean ± std | per seed | many | medium | few |" in text
+    assert (
+        "| BCL classifier | accuracy | 64.00 ± 2.83 | 62.00, 66.00 "
+        "| 82.00 ± 2.83 | 61.00 ± 1.41 | 35.00 ± 7.07 |" in text
+    )
+
+    # Multi-label rows have no accuracy: mAP is their headline, F1 their secondary numbers.
+    def ml(m, f1):
+        return {
+            "rows": [
+                {"experiment": "cross-entropy", "map": m, "micro_f1": f1, "macro_f1": f1 / 2},
+                {"experiment": "SupCon + frozen classifier", "map": m + 0.1, "micro_f1": f1, "macro_f1": f1},
+            ]
+        }
+
+    agg = aggregate("compare", {0: ml(0.5, 0.6), 1: ml(0.6, 0.7)})
+    ce, sup = agg["rows"]
+    assert ce["metric"] == "map" and ce["map"] == pytest.approx(0.55) and "test_acc" not in ce
+    assert ce["metrics"]["macro_f1"]["mean"] == pytest.approx(0.325)
+    assert agg["paired"][0]["metric"] == "map" and agg["paired"][0]["diffs"] == pytest.approx([0.1, 0.1])
+    text = report_text(agg)
+    assert "| cross-entropy | mAP | 55.00 ± 7.07 | 50.00, 60.00 | 65.00 ± 7.07 | 32.50 ± 3.54 |" in text
+    assert "Paired difference of mAP, SupCon + frozen classifier − cross-entropy" in text
+    with pytest.raises(UsageError, match="no test accuracy or mAP"):
+        aggregate("compare", {0: {"rows": [{"experiment": "cross-entropy", "test_acc": None}]}})
 
 
 def test_run_seeds_runs_each_seed_in_its_folder_and_resumes_only_what_is_unfinished(tmp_path):
@@ -156,7 +214,8 @@ def test_compare_over_two_seeds_writes_seed_folders_and_the_aggregate(tmp_path):
         assert row["test_acc_std"] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))
     assert json.loads((out / "results.json").read_text()) == agg
     assert (
-        "Paired difference, SupCon+CE + frozen classifier − cross-entropy" in (out / "report.md").read_text()
+        "Paired difference of accuracy, SupCon+CE + frozen classifier − cross-entropy"
+        in (out / "report.md").read_text()
     )
     assert per[0]["rows"][0]["test_acc"] != per[1]["rows"][0]["test_acc"]  # the seeds differ
     # resuming the finished repeat reads the seeds back instead of training again

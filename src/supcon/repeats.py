@@ -81,29 +81,57 @@ def paired_difference(a: Sequence[float], b: Sequence[float], level: float = LEV
     return {"diffs": diffs, "mean": mean, "std": std, "n": len(diffs), "level": level, "ci": ci}
 
 
+# What a result row is judged by over seeds: its headline (accuracy, or mAP for multi-label data)
+# and the secondary numbers of the same row (long-tail groups, multi-label F1), when it has them.
+HEADLINES = ("test_acc", "map")
+SECONDARY = ("many_acc", "medium_acc", "few_acc", "micro_f1", "macro_f1")
+LABELS = {
+    "test_acc": "accuracy", "map": "mAP", "many_acc": "many", "medium_acc": "medium", "few_acc": "few",
+    "micro_f1": "micro-F1", "macro_f1": "macro-F1",
+}  # fmt: skip
+
+
+def row_metrics(row: dict) -> dict[str, float]:
+    """The numbers of one result row that are aggregated over seeds (fractions in [0, 1])."""
+    flat = dict(row) | {f"{g}_acc": v for g, v in (row.get("group_acc") or {}).items()}
+    return {k: flat[k] for k in (*HEADLINES, *SECONDARY) if flat.get(k) is not None}
+
+
 def aggregate(command: str, per_seed: dict[int, dict]) -> dict:
     """The results of one command over seeds: ``per_seed`` maps a seed to its run's results dict
     (``{"rows": [{"experiment", "test_acc", ...}]}``). Rows keep the first seed's order; an
-    experiment missing from some seed is an error (the runs differ)."""
+    experiment missing from some seed is an error (the runs differ). Each row gets the mean, sample
+    deviation and per-seed values of its headline (``test_acc``, or ``map`` for multi-label data)
+    and, under ``metrics``, of every number :func:`row_metrics` finds in all seeds."""
     seeds = sorted(per_seed)
     names = [r["experiment"] for r in per_seed[seeds[0]]["rows"]]
-    acc = {name: [] for name in names}
+    values: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for seed in seeds:
-        got = {r["experiment"]: r["test_acc"] for r in per_seed[seed]["rows"]}
+        got = {r["experiment"]: row_metrics(r) for r in per_seed[seed]["rows"]}
         if set(got) != set(names):
             raise UsageError(f"seed {seed} reports {sorted(got)}, seed {seeds[0]} {sorted(names)}")
         for name in names:
-            acc[name].append(got[name])
+            values[name].append(got[name])
     rows = []
     for name in names:
-        mean, std = mean_std(acc[name])
-        row = {"experiment": name, "test_acc": mean, "test_acc_std": std, "n": len(seeds)}
-        rows.append(row | {"per_seed": acc[name]})
+        common = [k for k in (*HEADLINES, *SECONDARY) if all(k in v for v in values[name])]
+        if not common or common[0] not in HEADLINES:
+            raise UsageError(f"{name!r} has no test accuracy or mAP in every seed")
+        metrics = {}
+        for key in common:
+            per = [v[key] for v in values[name]]
+            mean, std = mean_std(per)
+            metrics[key] = {"mean": mean, "std": std, "per_seed": per}
+        key, top = common[0], metrics[common[0]]
+        row = {"experiment": name, "metric": key, key: top["mean"], f"{key}_std": top["std"], "n": len(seeds)}
+        rows.append(row | {"per_seed": top["per_seed"], "metrics": metrics})
     paired = []
-    if command == "compare" and BASELINE in acc:
-        for name in names:
-            if name != BASELINE:
-                paired.append({"a": name, "b": BASELINE, **paired_difference(acc[name], acc[BASELINE])})
+    if command == "compare" and BASELINE in values:
+        base = {r["experiment"]: r for r in rows}[BASELINE]
+        for r in rows:
+            if r["experiment"] != BASELINE and r["metric"] == base["metric"]:
+                diff = paired_difference(r["per_seed"], base["per_seed"])
+                paired.append({"a": r["experiment"], "b": BASELINE, "metric": r["metric"], **diff})
     title = f"supcon {command} over seeds {', '.join(map(str, seeds))}"
     runs = {str(s): f"seed-{s}" for s in seeds}
     return {"title": title, "seeds": seeds, "runs": runs, "rows": rows, "paired": paired}
@@ -122,7 +150,7 @@ def report_text(results: dict) -> str:
         "",
         f"{n} runs, one folder each: {runs}.",
         "",
-        "Test accuracy (%), mean ± sample standard deviation (n - 1) over seeds:",
+        "Test results (%), mean ± sample standard deviation (n - 1) over seeds:",
         "",
         summary_table(results),
     ]
@@ -130,7 +158,8 @@ def report_text(results: dict) -> str:
         ci = "n/a (one seed)" if p["ci"] is None else f"[{_pct(p['ci'][0])}, {_pct(p['ci'][1])}]"
         lines += [
             "",
-            f"Paired difference, {p['a']} − {p['b']} (percentage points, same seed):",
+            f"Paired difference of {LABELS[p.get('metric', 'test_acc')]}, {p['a']} − {p['b']} "
+            "(percentage points, same seed):",
             "",
             f"- per seed: {', '.join(_pct(d) for d in p['diffs'])}",
             f"- mean {_pct(p['mean'])} ± {_pct(p['std'])} (sample std); {100 * p['level']:.0f}% CI {ci} "
@@ -140,12 +169,23 @@ def report_text(results: dict) -> str:
 
 
 def summary_table(results: dict) -> str:
-    """The aggregate's rows as a Markdown table: mean ± std and the per-seed accuracies (%)."""
-    lines = ["| experiment | mean ± std | per seed |", "|---|---|---|"]
-    for r in results["rows"]:
-        per = ", ".join(_pct(v) for v in r["per_seed"])
-        lines.append(f"| {r['experiment']} | {_pct(r['test_acc'])} ± {_pct(r['test_acc_std'])} | {per} |")
+    """The aggregate's rows as a Markdown table: per experiment its headline (mean ± std, per seed)
+    and the mean ± std of its secondary numbers (long-tail groups, multi-label F1) when it has any."""
+    rows = results["rows"]
+    extra = [k for k in SECONDARY if any(k in r.get("metrics", {}) for r in rows)]
+    head = ["experiment", "metric", "mean ± std", "per seed", *(LABELS[k] for k in extra)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        key, metrics = r.get("metric", "test_acc"), r.get("metrics", {})
+        cells = [r["experiment"], LABELS[key], _mean_std(r[key], r[f"{key}_std"])]
+        cells.append(", ".join(_pct(v) for v in r["per_seed"]))
+        cells += [_mean_std(metrics[k]["mean"], metrics[k]["std"]) if k in metrics else "" for k in extra]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mean_std(mean: float, std: float | None) -> str:
+    return f"{_pct(mean)} ± {_pct(std)}"
 
 
 RunOne = Callable[[int, Path, bool], dict]  # (seed, its run folder, resume it) -> its results dict
