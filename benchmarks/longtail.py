@@ -11,6 +11,9 @@ stays balanced. Every run is the ``cpu-fast`` preset (a narrow ResNet-18, batch 
 cross-entropy trains twice the contrastive epochs (``--ce-epochs``, ``--pretrain-epochs``):
 
 - ``cross-entropy`` and ``SupCon + probe``: ``supcon compare``;
+- ``cross-entropy, class-balanced``: ``supcon train-ce --set data.sampler=class-balanced``;
+- ``SupCon + class-balanced probe``: the probe alone retrained on the same encoder with
+  class-balanced sampling (``supcon linear --from`` the compare run);
 - ``SupCon, class-balanced + probe``: ``supcon pretrain --set data.sampler=class-balanced``, then
   ``supcon linear --from`` (the probe samples as its pre-training did);
 - ``BCL classifier`` and ``BCL + probe``: ``supcon pretrain --method bcl --set loss.temperature=0.1``
@@ -41,8 +44,10 @@ def _runs(args) -> list[tuple[str, str, str | None, dict]]:
     pre = {"pretrain.epochs": args.pretrain_epochs}
     return [
         ("compare", "compare", None, base | ce),
+        ("ce-balanced", "train-ce", None, base | ce | {"data.sampler": "class-balanced"}),
         ("balanced", "pretrain", None, base | pre | {"data.sampler": "class-balanced"}),
         ("balanced-linear", "linear", "balanced", {}),
+        ("compare-balanced-probe", "linear", "compare", {"data.sampler": "class-balanced"}),
         ("bcl", "pretrain", None, base | pre | {"loss.method": "bcl", "loss.temperature": 0.1}),
         ("bcl-linear", "linear", "bcl", {}),
     ]
@@ -50,12 +55,14 @@ def _runs(args) -> list[tuple[str, str, str | None, dict]]:
 
 ROWS = [  # (table row, run folder, experiment name in that run's results)
     ("cross-entropy", "compare", "cross-entropy"),
+    ("cross-entropy, class-balanced", "ce-balanced", "cross-entropy"),
     ("SupCon + probe", "compare", "SupCon + frozen classifier"),
+    ("SupCon + class-balanced probe", "compare-balanced-probe", "frozen encoder + classifier"),
     ("SupCon, class-balanced + probe", "balanced-linear", "frozen encoder + classifier"),
     ("BCL classifier", "bcl", "BCL classifier"),
     ("BCL + probe", "bcl-linear", "frozen encoder + classifier"),
 ]
-PHASES = {"compare": None, "balanced-linear": "balanced", "bcl": None, "bcl-linear": "bcl"}
+PHASES = {"compare-balanced-probe": "compare", "balanced-linear": "balanced", "bcl-linear": "bcl"}
 
 
 def _seconds(folder: Path, phases: tuple[str, ...]) -> float:
@@ -65,7 +72,7 @@ def _seconds(folder: Path, phases: tuple[str, ...]) -> float:
 
 def _train_seconds(out: Path, name: str, folder: str, seed: int) -> float:
     """Training time of a table row's model: its phases, the pre-training of a probe included."""
-    if name == "cross-entropy":
+    if name.startswith("cross-entropy"):
         return _seconds(seed_dir(out / folder, seed), ("ce",))
     pre = PHASES.get(folder) or folder
     total = _seconds(seed_dir(out / pre, seed), ("pretrain",))
