@@ -32,6 +32,7 @@ from pathlib import Path
 
 import supcon
 from supcon.repeats import parse_seeds, seed_dir
+from supcon.rundir import phase_seconds
 
 GROUPS = ("test_acc", "many_acc", "medium_acc", "few_acc")
 
@@ -65,19 +66,14 @@ ROWS = [  # (table row, run folder, experiment name in that run's results)
 PHASES = {"compare-balanced-probe": "compare", "balanced-linear": "balanced", "bcl-linear": "bcl"}
 
 
-def _seconds(folder: Path, phases: tuple[str, ...]) -> float:
-    lines = (folder / "metrics.jsonl").read_text().splitlines()
-    return sum(m["seconds"] for m in map(json.loads, lines) if m.get("phase") in phases and "seconds" in m)
-
-
 def _train_seconds(out: Path, name: str, folder: str, seed: int) -> float:
     """Training time of a table row's model: its phases, the pre-training of a probe included."""
     if name.startswith("cross-entropy"):
-        return _seconds(seed_dir(out / folder, seed), ("ce",))
+        return phase_seconds(seed_dir(out / folder, seed), ("ce",))
     pre = PHASES.get(folder) or folder
-    total = _seconds(seed_dir(out / pre, seed), ("pretrain",))
+    total = phase_seconds(seed_dir(out / pre, seed), ("pretrain",))
     if "probe" in name:
-        total += _seconds(seed_dir(out / folder, seed), ("linear",))
+        total += phase_seconds(seed_dir(out / folder, seed), ("linear",))
     return total
 
 

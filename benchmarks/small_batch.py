@@ -32,6 +32,7 @@ from pathlib import Path
 
 import supcon
 from supcon.repeats import parse_seeds, seed_dir
+from supcon.rundir import phase_seconds
 
 ROWS = [  # (table row, run folder, experiment name in that run's results)
     ("cross-entropy, batch 32", "b32", "cross-entropy"),
@@ -73,16 +74,11 @@ def _runs(args, manifest: Path) -> list[tuple[str, str, str | None, str | None, 
     ]
 
 
-def _seconds(folder: Path, phases: tuple[str, ...]) -> float:
-    lines = (folder / "metrics.jsonl").read_text().splitlines()
-    return sum(m["seconds"] for m in map(json.loads, lines) if m.get("phase") in phases and "seconds" in m)
-
-
 def _train_seconds(out: Path, name: str, folder: str, seed: int) -> float:
     if name.startswith("cross-entropy"):
-        return _seconds(seed_dir(out / folder, seed), ("ce",))
+        return phase_seconds(seed_dir(out / folder, seed), ("ce",))
     pre = seed_dir(out / folder.removesuffix("-linear"), seed)
-    return _seconds(pre, ("pretrain",)) + _seconds(seed_dir(out / folder, seed), ("linear",))
+    return phase_seconds(pre, ("pretrain",)) + phase_seconds(seed_dir(out / folder, seed), ("linear",))
 
 
 def table(out: Path, seeds: list[int]) -> str:

@@ -55,6 +55,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def phase_seconds(run_dir: Path, phases: tuple[str, ...]) -> float:
+    """The training seconds a run folder's metrics log records for ``phases``, all epochs summed."""
+    return sum(m["seconds"] for m in read_metrics(run_dir) if m.get("phase") in phases and "seconds" in m)
+
+
 def summary_writer_class():
     """TensorBoard's ``SummaryWriter``, or a UsageError naming the extra that installs it."""
     try:
