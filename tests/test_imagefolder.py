@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -217,7 +218,16 @@ def test_unwritable_cache_warns_but_loads(tmp_path, capsys, recwarn):
 def test_pool_gives_the_same_arrays(tmp_path, monkeypatch):
     root = _make(tmp_path / "data")
     monkeypatch.setattr(imagefolder, "_CHUNK", 2)  # several jobs, finishing in any order
+    decode, where = imagefolder._decode_job, set()
+
+    def recording(job):
+        where.add((os.getpid(), threading.current_thread().name.split("_")[0]))
+        return decode(job)
+
+    monkeypatch.setattr(imagefolder, "_decode_job", recording)
     pooled = _load(root, tmp_path, workers=2, cache_dir=tmp_path / "c1")
+    # Threads of this process, not forked children: a fork of a threaded program can hang.
+    assert where == {(os.getpid(), "supcon-decode")}
     inline = _load(root, tmp_path, workers=1, cache_dir=tmp_path / "c2")
     for a, b in zip(pooled[:4], inline[:4], strict=True):
         np.testing.assert_array_equal(a, b)

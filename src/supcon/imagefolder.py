@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import multiprocessing
 import os
 import sys
-import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 # so that caches written by an older version are not reused.
 FORMAT_VERSION = 1
 
-# Below this many images a worker pool costs more to start than it saves.
+# Below this many images a pool of decoding threads costs more than it saves.
 _POOL_MIN_FILES = 4096
 _CHUNK = 512
 
@@ -301,29 +300,34 @@ def _decode_all(
     paths = [f[0] for f in files]
     # The first image sets the size when image_size is None; mismatches name it.
     first = paths[0]
-    jobs = [
-        (start, paths[start : start + _CHUNK], h, w, image_size, first)
+    jobs = [  # each thread decodes straight into its own slice of ``out``
+        (paths[start : start + _CHUNK], out[start : start + _CHUNK], image_size, first)
         for start in range(0, len(paths), _CHUNK)
     ]
-    n_workers = _worker_count(workers, len(paths))
     with tqdm(total=len(paths), unit="img", desc=desc, disable=not progress) as bar:
-        if n_workers <= 1:
-            for start, chunk, *_ in jobs:
-                _decode_into(chunk, out[start : start + len(chunk)], image_size, first)
-                bar.update(len(chunk))
-            return out
-        # fork: the children only run Pillow and numpy, and start at once; spawn would re-import
-        # the caller's main module (torch included) in each of them.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
-            pool = multiprocessing.get_context("fork").Pool(n_workers)
-        with pool:
-            for start, chunk, error in pool.imap_unordered(_decode_job, jobs):
-                if error is not None:
-                    raise UsageError(error)
-                out[start : start + len(chunk)] = chunk
-                bar.update(len(chunk))
+        for n, error in run_threads(_decode_job, jobs, _worker_count(workers, len(paths))):
+            if error is not None:
+                raise UsageError(error)
+            bar.update(n)
     return out
+
+
+def run_threads(fn, jobs: list, n_workers: int):
+    """``fn`` over ``jobs`` in ``n_workers`` threads, results as they finish. Threads, not processes:
+    Pillow and numpy release the GIL while they decode, resize and copy, and a forked process of a
+    program that already runs threads (torch's, a progress bar's, a training's prefetch) can hang
+    on a lock one of them held."""
+    if n_workers <= 1 or len(jobs) <= 1:
+        yield from map(fn, jobs)
+        return
+    with ThreadPoolExecutor(n_workers, thread_name_prefix="supcon-decode") as pool:
+        futures = [pool.submit(fn, job) for job in jobs]
+        try:
+            for f in as_completed(futures):
+                yield f.result()
+        finally:
+            for f in futures:
+                f.cancel()
 
 
 def _allocate(n: int, h: int, w: int) -> np.ndarray:
@@ -365,9 +369,6 @@ def _bytes(n: int) -> str:
 
 
 def _worker_count(workers: int | None, n_files: int) -> int:
-    # Only where fork is the safe, cheap start method (see _decode_all); elsewhere decode in-process.
-    if sys.platform != "linux" or "fork" not in multiprocessing.get_all_start_methods():
-        return 1
     if workers is not None:
         return max(1, int(workers))
     if n_files < _POOL_MIN_FILES:
@@ -376,14 +377,13 @@ def _worker_count(workers: int | None, n_files: int) -> int:
     return max(1, min(cpus, 8))
 
 
-def _decode_job(job: tuple[int, list[str], int, int, int | None, str]) -> tuple[int, Any, str | None]:
-    start, paths, h, w, image_size, first = job
-    out = np.empty((len(paths), h, w, 3), dtype=np.uint8)
+def _decode_job(job: tuple[list[str], np.ndarray, int | None, str]) -> tuple[int, str | None]:
+    paths, out, image_size, first = job
     try:
         _decode_into(paths, out, image_size, first)
     except UsageError as e:
-        return start, None, str(e)
-    return start, out, None
+        return len(paths), str(e)
+    return len(paths), None
 
 
 def _image_size(file: str) -> tuple[int, int]:

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import numpy as np
 
 from supcon.errors import UsageError
 from supcon.files import default_root
-from supcon.imagefolder import _bytes, _File, _reason, _to_rgb, _worker_count
+from supcon.imagefolder import _bytes, _File, _reason, _to_rgb, _worker_count, run_threads
 from supcon.manifest import Manifest
 
 FORMAT_VERSION = 1
@@ -127,7 +126,7 @@ def _build(manifest: Manifest, short_side: int, final: Path, *, progress: bool, 
     desc = f"storing {manifest.root.name} (short side {short_side})"
     with tqdm(total=len(files), initial=len(files) - sum(len(j[2]) for j in jobs), unit="img", desc=desc,
               disable=not progress) as bar:  # fmt: skip
-        for chunk, n, error in _run(_store_job, jobs, n_workers):
+        for chunk, n, error in run_threads(_store_job, jobs, n_workers):
             if error is not None:
                 raise UsageError(error)
             done[chunk] = True
@@ -199,31 +198,13 @@ def _source_shapes(files: list[_File], partial: Path, n_workers: int, progress: 
     shapes = np.zeros((len(files), 2), dtype=np.int64)
     jobs = [(s, [f[0] for f in files[s : s + 4 * _CHUNK]]) for s in range(0, len(files), 4 * _CHUNK)]
     with tqdm(total=len(files), unit="img", desc="reading image sizes", disable=not progress) as bar:
-        for start, part, error in _run(_shape_job, jobs, n_workers):
+        for start, part, error in run_threads(_shape_job, jobs, n_workers):
             if error is not None:
                 raise UsageError(error)
             shapes[start : start + len(part)] = part
             bar.update(len(part))
     np.save(cached, shapes)
     return shapes
-
-
-def _run(fn, jobs: list, n_workers: int):
-    """``fn`` over ``jobs`` in ``n_workers`` threads, results as they finish. Threads, not processes:
-    Pillow and numpy release the GIL while they decode, resize and copy, and a forked process of a
-    program that already runs threads (torch's, a progress bar's, a training's prefetch) can hang
-    on a lock one of them held."""
-    if n_workers <= 1 or len(jobs) <= 1:
-        yield from map(fn, jobs)
-        return
-    with ThreadPoolExecutor(n_workers, thread_name_prefix="supcon-store") as pool:
-        futures = [pool.submit(fn, job) for job in jobs]
-        try:
-            for f in as_completed(futures):
-                yield f.result()
-        finally:
-            for f in futures:
-                f.cancel()
 
 
 def _shape_job(job):
