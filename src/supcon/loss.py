@@ -58,12 +58,12 @@ Temperature scaling is exactly the paper's: the authors' code also multiplies th
 
 Computation. The positive term of ``"out"`` and ``"npairs"`` is linear in the similarities, so it
 comes from per-class sums of features in O(N * D). Only the log-sum-exp over ``A(i)`` (and over
-``P(i)`` for ``"in"``) needs pairwise work. It runs in a custom autograd function, either dense (one
-N x N tile whose softmax is kept for the backward) or tiled (``chunk`` anchor rows at a time, the
-tiles recomputed in the backward, so extra memory is O(N * (D + chunk))). Both give the same value
-and gradient. Multi-label weights are pairwise: their sums come from tiles of ``Y Y^T`` in the same
-way, recomputed in the backward. Extra keys are appended as key columns; the backward skips their
-gradient.
+``P(i)`` for ``"in"``) needs pairwise work. It runs in a custom autograd function
+(:mod:`supcon.loss_tiles`), either dense (one N x N tile whose softmax is kept for the backward) or
+tiled (``chunk`` anchor rows at a time, the tiles recomputed in the backward, so extra memory is
+O(N * (D + chunk))). Both give the same value and gradient. Multi-label weights are pairwise: their
+sums come from tiles of ``Y Y^T`` in the same way, recomputed in the backward. Extra keys are
+appended as key columns; the backward skips their gradient.
 """
 
 from __future__ import annotations
@@ -71,11 +71,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import math
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from supcon import dist as _dist
 from supcon.loss_inputs import (
@@ -86,6 +84,7 @@ from supcon.loss_inputs import (
     check_labels,
     check_options,
 )
+from supcon.loss_tiles import Pairs, RowLogSumExp, WeightedPositives, weight_sums
 
 __all__ = ["DENSE_MAX_PAIRS", "MULTILABEL_RULES", "TILE_PAIRS", "VARIANTS", "SupConLoss", "supcon_loss"]
 
@@ -104,222 +103,6 @@ def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.square().sum(dim=-1, keepdim=True).clamp_min(_NORM_EPS))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Pairs:
-    """Which keys (columns) each anchor (row) is paired with.
-
-    Anchor ``i`` is key ``self_offset + i``. Positives: equal ``q_labels[i] == k_labels[j]``, or
-    ``mask[q_rows[i], k_cols[j]]`` in mask mode; in multi-label mode a weight ``w_ij`` from the
-    multi-hot rows ``q_hot[i]`` and ``k_hot[j]`` by ``rule``. Keys from ``n_grad`` on (extra keys)
-    are constants: the backward gives them no gradient and skips their share of the work.
-    """
-
-    self_offset: int
-    exclude_self: bool
-    q_labels: torch.Tensor | None = None
-    k_labels: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-    q_rows: torch.Tensor | None = None
-    k_cols: torch.Tensor | None = None
-    q_hot: torch.Tensor | None = None
-    k_hot: torch.Tensor | None = None
-    rule: str | None = None
-    n_grad: int | None = None
-
-    def logits(self, q: torch.Tensor, k: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-        s = q[r0:r1] @ k.T
-        if self.exclude_self:
-            c0 = self.self_offset + r0
-            s[:, c0 : c0 + (r1 - r0)].diagonal().fill_(-math.inf)
-        return s
-
-    def positives(self, r0: int, r1: int) -> torch.Tensor:
-        if self.q_labels is not None:
-            pos = self.q_labels[r0:r1, None] == self.k_labels[None, :]
-        else:
-            pos = self.mask[self.q_rows[r0:r1]][:, self.k_cols]
-        c0 = self.self_offset + r0
-        pos[:, c0 : c0 + (r1 - r0)].diagonal().fill_(False)
-        return pos
-
-    def positive_logits(self, s: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-        """``s_ij`` on the positives, -inf elsewhere; ``s_ij + log w_ij`` with weights (a new tensor)."""
-        if self.q_hot is None:
-            return s.masked_fill(~self.positives(r0, r1), -math.inf)
-        return s + self.weights(r0, r1).log_()
-
-    def weights(self, r0: int, r1: int) -> torch.Tensor:
-        """Multi-label weights ``w_ij`` of anchors ``r0:r1``: 0 on the self pair and without overlap."""
-        inter = self.q_hot[r0:r1] @ self.k_hot.T  # |Y_i & Y_j|: exact, sums of 0/1 products
-        if self.rule == "any":
-            w = (inter > 0).to(inter.dtype)
-        else:  # Jaccard: |Y_i & Y_j| / |Y_i | Y_j|, 0 for two empty label sets
-            union = self.q_hot[r0:r1].sum(1, keepdim=True) + self.k_hot.sum(1)[None, :] - inter
-            w = inter.div_(union.clamp_min_(1))
-        c0 = self.self_offset + r0
-        w[:, c0 : c0 + (r1 - r0)].diagonal().fill_(0)
-        return w
-
-    def grad_keys(self, k: torch.Tensor) -> int:
-        """How many leading keys receive a gradient: all but the constant extra keys."""
-        return k.shape[0] if self.n_grad is None else self.n_grad
-
-
-def _logsumexp_(s: torch.Tensor, probs: bool) -> torch.Tensor:
-    """Row-wise log-sum-exp of ``s``, consuming ``s``: afterwards it holds the softmax if ``probs``.
-
-    In place to keep one tile-sized buffer. Rows that are entirely -inf give -inf (and zero
-    probabilities) instead of NaN.
-    """
-    m = s.amax(dim=1, keepdim=True).nan_to_num_(neginf=0.0, posinf=math.inf)
-    s.sub_(m).exp_()
-    tot = s.sum(dim=1, keepdim=True)
-    lse = tot.log().add_(m).squeeze(1)
-    if probs:
-        s.div_(tot.clamp_min_(torch.finfo(s.dtype).tiny))  # an all -inf row is all 0: it stays 0
-    return lse
-
-
-def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(x), x, 0.0)
-
-
-class _RowLogSumExp(torch.autograd.Function):
-    """Row-wise log-sum-exp of ``q @ k.T`` over the paired keys, and over the positives if asked.
-
-    ``chunk=None``: one tile, whose softmax is saved for the backward (fast, N x N memory).
-    Otherwise tiles of ``chunk`` anchor rows; only ``q``, ``k`` and the results are saved and the
-    backward recomputes each tile (O(chunk x N) memory).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, pairs: _Pairs, with_pos: bool, chunk: int | None):
-        m = q.shape[0]
-        lse = lse_pos = q.new_empty(0)
-        probs: tuple[torch.Tensor, ...] = ()
-        if chunk is None:
-            if m > 0:
-                s = pairs.logits(q, k, 0, m)
-                if with_pos:
-                    s_pos = pairs.positive_logits(s, 0, m)
-                    lse_pos = _logsumexp_(s_pos, probs=True)
-                lse = _logsumexp_(s, probs=True)
-                probs = (s, s_pos) if with_pos else (s,)
-        else:
-            lse = q.new_empty(m)
-            lse_pos = q.new_empty(m if with_pos else 0)
-            for r0 in range(0, m, chunk):
-                r1 = min(m, r0 + chunk)
-                s = pairs.logits(q, k, r0, r1)
-                if with_pos:
-                    s_pos = pairs.positive_logits(s, r0, r1)
-                    lse_pos[r0:r1] = _logsumexp_(s_pos, probs=False)
-                lse[r0:r1] = _logsumexp_(s, probs=False)
-        ctx.pairs, ctx.with_pos, ctx.chunk = pairs, with_pos, chunk
-        ctx.save_for_backward(q, k, lse, lse_pos, *probs)
-        ctx.set_materialize_grads(False)
-        return lse, lse_pos
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g, g_pos):
-        q, k, lse, lse_pos, *probs = ctx.saved_tensors
-        if not ctx.with_pos:
-            g_pos = None
-        if g is None and g_pos is None:
-            return None, None, None, None, None
-        if g is None:
-            g = torch.zeros_like(lse)
-        g = g[:, None]
-        g_pos = None if g_pos is None else g_pos[:, None]
-        pairs, chunk = ctx.pairs, ctx.chunk
-        if q.shape[0] == 0:  # a rank that holds no samples: no term, no gradient
-            return torch.zeros_like(q), torch.zeros_like(k), None, None, None
-        if chunk is None:
-            # d lse_i / d s_ij is the softmax p_ij; scaling rows commutes with the products, so
-            # no second N x N matrix is needed unless both outputs carry a gradient.
-            p = probs[0]
-            if g_pos is None:
-                return (p @ k).mul_(g), _key_grad(p, q * g, k, pairs), None, None, None
-            grad_s = p * g + probs[1] * g_pos
-            return grad_s @ k, _key_grad(grad_s, q, k, pairs), None, None, None
-        dq = torch.empty_like(q)
-        dk = torch.zeros_like(k)
-        ng = pairs.grad_keys(k)
-        lse = _finite_or_zero(lse)[:, None]
-        lse_pos = _finite_or_zero(lse_pos)[:, None] if g_pos is not None else None
-        for r0 in range(0, q.shape[0], chunk):
-            r1 = min(q.shape[0], r0 + chunk)
-            s = pairs.logits(q, k, r0, r1)
-            if g_pos is not None:
-                p_pos = pairs.positive_logits(s, r0, r1).sub_(lse_pos[r0:r1]).exp_()
-            p = s.sub_(lse[r0:r1]).exp_()
-            if g_pos is None:
-                torch.mm(p, k, out=dq[r0:r1]).mul_(g[r0:r1])
-                dk[:ng].addmm_(p[:, :ng].T, q[r0:r1] * g[r0:r1])
-            else:
-                p.mul_(g[r0:r1]).add_(p_pos.mul_(g_pos[r0:r1]))
-                torch.mm(p, k, out=dq[r0:r1])
-                dk[:ng].addmm_(p[:, :ng].T, q[r0:r1])
-        return dq, dk, None, None, None
-
-
-def _key_grad(grad_s: torch.Tensor, rhs: torch.Tensor, k: torch.Tensor, pairs: _Pairs) -> torch.Tensor:
-    """``grad_s.T @ rhs``, the keys' gradient, computed only for the keys that take one."""
-    ng = pairs.grad_keys(k)
-    if ng == k.shape[0]:
-        return grad_s.T @ rhs
-    dk = torch.zeros_like(k)
-    torch.mm(grad_s[:, :ng].T, rhs, out=dk[:ng])
-    return dk
-
-
-def _weight_sums(pairs: _Pairs, m: int, chunk: int | None) -> torch.Tensor:
-    """``sum_j w_ij`` of every anchor, a tile of ``chunk`` anchor rows at a time."""
-    if m == 0:
-        return pairs.k_hot.new_zeros(0)
-    step = chunk or m
-    return torch.cat([pairs.weights(r0, min(m, r0 + step)).sum(dim=1) for r0 in range(0, m, step)])
-
-
-class _WeightedPositives(torch.autograd.Function):
-    """Multi-label positives: per anchor ``sum_j w_ij`` and ``sum_j w_ij s_ij = q_i . sum_j w_ij k_j``.
-
-    Tiles of ``chunk`` anchor rows (one tile for ``None``); the weights are recomputed in the
-    backward, so only ``q``, ``k`` and the ``[N, D]`` weighted key sums are kept.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, pairs: _Pairs, chunk: int | None):
-        m = q.shape[0]
-        step = chunk or max(m, 1)
-        count, wk = q.new_empty(m), q.new_empty(m, k.shape[1])
-        for r0 in range(0, m, step):
-            r1 = min(m, r0 + step)
-            w = pairs.weights(r0, r1)
-            count[r0:r1] = w.sum(dim=1)
-            torch.mm(w, k, out=wk[r0:r1])
-        ctx.pairs, ctx.step = pairs, step
-        ctx.save_for_backward(q, k, wk)
-        ctx.mark_non_differentiable(count)
-        ctx.set_materialize_grads(False)
-        return count, (q * wk).sum(dim=1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, _g_count, g):
-        if g is None:
-            return None, None, None, None
-        q, k, wk = ctx.saved_tensors
-        qg = q * g[:, None]
-        dk = torch.zeros_like(k)
-        ng = ctx.pairs.grad_keys(k)
-        for r0 in range(0, q.shape[0], ctx.step):
-            r1 = min(q.shape[0], r0 + ctx.step)
-            dk[:ng].addmm_(ctx.pairs.weights(r0, r1)[:, :ng].T, qg[r0:r1])
-        return wk * g[:, None], dk, None, None
-
-
 def _class_stats(q, keys, k_cls, n_cls: int, row_offset: int, variant: str):
     """Positive counts and sums of similarities when positives share a class index ``k_cls``.
 
@@ -333,7 +116,7 @@ def _class_stats(q, keys, k_cls, n_cls: int, row_offset: int, variant: str):
     if variant != "in":
         sums = keys.new_zeros(n_cls, keys.shape[1]).index_add_(0, k_cls, keys)
         pos_dot = (q * _take_rows(sums, q_cls)).sum(dim=1)
-    pairs = _Pairs(row_offset, variant != "npairs", q_labels=q_cls, k_labels=k_cls)
+    pairs = Pairs(row_offset, variant != "npairs", q_labels=q_cls, k_labels=k_cls)
     return count, pos_dot, pairs, 1.0
 
 
@@ -348,7 +131,7 @@ def _mask_stats(q, keys, mask, key_samples, row_offset: int, variant: str):
         sums = keys.new_zeros(total, keys.shape[1]).index_add_(0, key_samples, keys)
         pos_dot = (q * _take_rows(_rowwise_matmul(mask, sums), q_rows)).sum(dim=1)
     self_in = mask[q_rows, key_samples[row_offset : row_offset + m]].to(q.dtype)
-    pairs = _Pairs(row_offset, variant != "npairs", mask=mask, q_rows=q_rows, k_cols=key_samples)
+    pairs = Pairs(row_offset, variant != "npairs", mask=mask, q_rows=q_rows, k_cols=key_samples)
     return count, pos_dot, pairs, self_in
 
 
@@ -516,7 +299,7 @@ def supcon_loss(
             if pos_dot is not None:
                 pos_dot = pos_dot + adjust * (q * z).sum(dim=1)  # s_ii = q_i . z_i
 
-        lse, lse_pos = _RowLogSumExp.apply(q, keys, pairs, variant == "in", chunk_size)
+        lse, lse_pos = RowLogSumExp.apply(q, keys, pairs, variant == "in", chunk_size)
 
         loss = _mean_over_anchors(lse, lse_pos, count, pos_dot, variant, gather)
         if base_temperature is not None:
@@ -563,14 +346,14 @@ def _positive_stats(
             k_labels = torch.cat([k_labels, extra_labels])
         if mode == "multi":
             q_hot = k_labels[row_offset : row_offset + q.shape[0]]
-            pairs = _Pairs(
+            pairs = Pairs(
                 row_offset, variant != "npairs", q_hot=q_hot, k_hot=k_labels, rule=multilabel,
                 n_grad=keys.shape[0] - n_extra,
             )  # fmt: skip
             # The weights leave the self pair out: self_in = 0.
             if variant == "in":  # only the weights' sums: the positive term is a log-sum-exp
-                return _weight_sums(pairs, q.shape[0], chunk), None, pairs, 0.0
-            count, pos_dot = _WeightedPositives.apply(q, keys, pairs, chunk)
+                return weight_sums(pairs, q.shape[0], chunk), None, pairs, 0.0
+            count, pos_dot = WeightedPositives.apply(q, keys, pairs, chunk)
             return count, pos_dot, pairs, 0.0
         # The class of a key: the rank of its label, as torch.unique numbers them; at most n classes.
         return _class_stats(q, keys, _class_index(k_labels), keys.shape[0], row_offset, variant)
