@@ -65,8 +65,9 @@ def test_the_loop_keeps_its_bookkeeping_on_the_compute_device(dry, name, with_co
     run, reads = dry
     history = loop.fit(_phase(name, with_correct), run)
     assert [r["epoch"] for r in history] == [1, 2]
-    # Host reads per epoch: the running loss at step 0 (3 steps of 4, 4, 2) and the epoch totals.
-    assert reads == [1, 3, 1, 3]
+    # Host reads per epoch: the running loss at step 0 (3 steps of 4, 4, 2) and the epoch totals
+    # (loss, correct, seen, and the negative pairs' cosine sum and count).
+    assert reads == [1, 5, 1, 5]
 
 
 def test_the_dry_run_catches_a_cpu_tensor_in_the_epoch_totals(dry, monkeypatch):

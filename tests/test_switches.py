@@ -46,6 +46,8 @@ def test_paper_pipeline_with_augmented_views(tmp_path):
     out = run(tmp_path, "--set", "data.val_fraction=0.1", "--set", "knn_every=1")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert "val_knn_acc" in rows[-1]
+    pre = [r for r in rows if r["phase"] == "pretrain"]
+    assert pre and all(-1 <= r["neg_cos"] <= 1 for r in pre)  # the collapse sign, every epoch
     assert (out / "views.png").is_file() and "views.png" in (out / "report.md").read_text()
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from supcon import dist
+from supcon.collapse import warn_if_collapsed
 from supcon.config import PhaseConfig
 from supcon.errors import UsageError
 from supcon.optim import build_optimizer, build_scheduler, scale_lr
@@ -37,6 +38,7 @@ class StepOut(NamedTuple):
     loss: torch.Tensor  # the value to log: this rank's mean loss, or the global loss
     backward: torch.Tensor  # what to differentiate: the loss scaled for DDP's gradient average
     correct: torch.Tensor | None = None  # correct predictions in this rank's share
+    negatives: torch.Tensor | None = None  # contrastive steps: [sum, number] of negative-pair cosines
 
 
 Step = Callable[[Batch, int, torch.Generator], StepOut]
@@ -89,6 +91,7 @@ class _Totals:
     seen: int = 0
     classifies: bool = False  # the steps count correct predictions (a training accuracy exists)
     data_wait: float | None = None  # seconds the steps waited for prefetched batches
+    negatives: torch.Tensor | None = None  # summed StepOut.negatives (contrastive phases)
 
 
 def _optimization(phase: Phase, steps_per_epoch: int):
@@ -163,6 +166,9 @@ def _run_epoch(phase: Phase, run: Run, perm, state: _State, parts, g_state) -> _
             if out.correct is not None:
                 totals.correct += out.correct
                 totals.classifies = True
+            if out.negatives is not None:
+                neg = totals.negatives
+                totals.negatives = out.negatives if neg is None else neg + out.negatives
             totals.seen += len(local)
             if s % CHECK_EVERY == 0:
                 _check_running_loss(phase, run, state, totals, s, bar, sched)
@@ -255,13 +261,18 @@ def _stop_agreed(run: Run) -> bool:
 def _epoch_record(phase: Phase, run: Run, totals: _Totals, sched, seconds: float, state: _State) -> dict:
     rt = run.rt
     seen = torch.tensor(float(totals.seen), device=rt.device)
-    summed = dist.all_reduce_sum(torch.stack([totals.loss.float(), totals.correct.float(), seen]))
-    loss, correct, n = host_read(summed)
+    neg = totals.negatives if totals.negatives is not None else seen.new_zeros(2)
+    summed = dist.all_reduce_sum(
+        torch.stack([totals.loss.float(), totals.correct.float(), seen, *neg.float()])
+    )
+    loss, correct, n, neg_sum, neg_n = host_read(summed)
     if not math.isfinite(loss):
         _diverged(phase, run, state, None, loss / n, sched)
     record = {"phase": phase.name, "epoch": state.epoch + 1, "loss": round(loss / n, 6)}
     if totals.classifies:
         record["train_acc"] = round(correct / n, 6)
+    if totals.negatives is not None and neg_n > 0:
+        record["neg_cos"] = round(neg_sum / neg_n, 6)
     record["lr"] = sched.get_last_lr()[0]
     record["seconds"] = round(seconds, 3)
     if totals.data_wait is not None:
@@ -270,6 +281,8 @@ def _epoch_record(phase: Phase, run: Run, totals: _Totals, sched, seconds: float
         record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 3)
     if phase.on_epoch_end is not None and dist.is_main():
         record.update(phase.on_epoch_end(state.epoch + 1))
+    if dist.is_main():
+        warn_if_collapsed(phase.name, state.history, record)
     if dist.is_main() and run.progress:
         extra = "  ".join(f"{k}={v:.4f}" for k, v in record.items() if k.endswith("acc"))
         print(

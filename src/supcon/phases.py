@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from supcon import bcl, dist, multilabel
 from supcon.augment import AugmentConfig, BatchAugment, save_view_grid
 from supcon.checkpoint import save_weights
+from supcon.collapse import negative_similarity
 from supcon.datasets import ImageDataset, Normalize, Split
 from supcon.errors import UsageError
 from supcon.evaluate import accuracy, encoder_knn, extract_features, predict, predict_logits
@@ -227,6 +228,7 @@ def _contrastive_step(net, extra, feed, train_y, lc, rt: Runtime, views: int, mu
     cross-entropy where configured."""
     use_labels = lc.method != "simclr"
     queue = extra.queue.queue if extra.queue is not None else None
+    n_cls = int(train_y.max()) + 1 if train_y.dim() == 1 and len(train_y) else 0  # one read, here
 
     def step(b, n_global, g):
         x = feed(b, g)  # [V*B, C, H, W], view-major
@@ -249,12 +251,13 @@ def _contrastive_step(net, extra, feed, train_y, lc, rt: Runtime, views: int, mu
         )
         if queue is not None:  # after the loss: a batch is not its own key; every rank, every step
             queue.enqueue(_keys_of(extra.ema, x, z, n, views, rt), y)
+        neg = negative_similarity(z, y if use_labels else None, n_cls)
         if logits is None:
-            return StepOut(loss, ddp_global(loss))
+            return StepOut(loss, ddp_global(loss), negatives=neg)
         ce = _ce(logits[:n], y)  # the first view's features
         total = loss.detach() + lc.ce_weight * ce.detach()
         backward = ddp_global(loss) + lc.ce_weight * ddp_share(ce, n, n_global)
-        return StepOut(total, backward, (logits[:n].argmax(1) == y).sum())
+        return StepOut(total, backward, (logits[:n].argmax(1) == y).sum(), neg)
 
     return step
 
