@@ -30,27 +30,27 @@ import argparse
 import json
 from pathlib import Path
 
-import supcon
+from seeded_runs import Run, run_all
 from supcon.repeats import parse_seeds, seed_dir
 from supcon.rundir import phase_seconds
 
 GROUPS = ("test_acc", "many_acc", "medium_acc", "few_acc")
 
 
-def _runs(args) -> list[tuple[str, str, str | None, dict]]:
-    """(run folder, command, its --from folder, overrides) per run."""
+def _runs(args) -> list[Run]:
+    """(run folder, command, preset, its --from folder, overrides) per run."""
     base = {"data.path": str(args.data), "data.dataset": None, "data.imbalance": args.imbalance}
     base |= {"data.val_fraction": 0.0, "knn_every": 0, "tune_cpu": True}
     ce = {"ce.epochs": args.ce_epochs, "pretrain.epochs": args.pretrain_epochs}
     pre = {"pretrain.epochs": args.pretrain_epochs}
     return [
-        ("compare", "compare", None, base | ce),
-        ("ce-balanced", "train-ce", None, base | ce | {"data.sampler": "class-balanced"}),
-        ("balanced", "pretrain", None, base | pre | {"data.sampler": "class-balanced"}),
-        ("balanced-linear", "linear", "balanced", {}),
-        ("compare-balanced-probe", "linear", "compare", {"data.sampler": "class-balanced"}),
-        ("bcl", "pretrain", None, base | pre | {"loss.method": "bcl", "loss.temperature": 0.1}),
-        ("bcl-linear", "linear", "bcl", {}),
+        ("compare", "compare", "cpu-fast", None, base | ce),
+        ("ce-balanced", "train-ce", "cpu-fast", None, base | ce | {"data.sampler": "class-balanced"}),
+        ("balanced", "pretrain", "cpu-fast", None, base | pre | {"data.sampler": "class-balanced"}),
+        ("balanced-linear", "linear", None, "balanced", {}),
+        ("compare-balanced-probe", "linear", None, "compare", {"data.sampler": "class-balanced"}),
+        ("bcl", "pretrain", "cpu-fast", None, base | pre | {"loss.method": "bcl", "loss.temperature": 0.1}),
+        ("bcl-linear", "linear", None, "bcl", {}),
     ]
 
 
@@ -107,12 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if not args.table_only:
-        for folder, command, source, overrides in _runs(args):
-            kw = {"from_dir": args.out / source} if source else {}
-            supcon.run(
-                command, None if source else "cpu-fast", args.out / folder, overrides=overrides,
-                resume=True, progress=False, seeds=args.seeds, device=args.device, **kw,
-            )  # fmt: skip
+        run_all(args.out, _runs(args), args.seeds, args.device)
     print(table(args.out, args.seeds))
     return 0
 

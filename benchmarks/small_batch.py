@@ -30,7 +30,7 @@ import json
 import random
 from pathlib import Path
 
-import supcon
+from seeded_runs import Run, run_all
 from supcon.repeats import parse_seeds, seed_dir
 from supcon.rundir import phase_seconds
 
@@ -59,7 +59,7 @@ def subset(cifar: Path, out: Path, per_class: int) -> Path:
     return manifest
 
 
-def _runs(args, manifest: Path) -> list[tuple[str, str, str | None, str | None, dict]]:
+def _runs(args, manifest: Path) -> list[Run]:
     """(run folder, command, preset, its --from folder, overrides) per run."""
     base = {"data.path": str(manifest), "data.dataset": None, "data.val_fraction": 0.0}
     base |= {"knn_every": 0, "tune_cpu": True, "pretrain.epochs": args.pretrain_epochs}
@@ -106,12 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.table_only:
         manifest = subset(args.cifar, args.out, args.per_class)
-        for folder, command, preset, source, overrides in _runs(args, manifest):
-            kw = {"from_dir": args.out / source} if source else {}
-            supcon.run(
-                command, preset, args.out / folder, overrides=overrides, resume=True, progress=False,
-                seeds=args.seeds, device=args.device, **kw,
-            )  # fmt: skip
+        run_all(args.out, _runs(args, manifest), args.seeds, args.device)
     print(table(args.out, args.seeds))
     return 0
 
