@@ -73,7 +73,8 @@ def table(out: Path, seeds: list[int]) -> str:
     lines.append("|---|---|---|---|---|")
     ce = _accuracies(out, "compare", "cross-entropy") or {}
     for name, folder, experiment, phases in ROWS:
-        acc = _accuracies(out, folder, experiment)
+        baseline = (folder, experiment) == ("compare", "cross-entropy")
+        acc = ce if baseline else _accuracies(out, folder, experiment)
         if not acc:
             continue
         vals = [acc[s] for s in seeds if s in acc]
@@ -81,7 +82,7 @@ def table(out: Path, seeds: list[int]) -> str:
         cell = f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
         per = ", ".join(f"{100 * v:.2f}" for v in vals)
         both = [s for s in seeds if s in acc and s in ce]
-        diff = "" if folder == "compare" and experiment == "cross-entropy" else _diff(acc, ce, both)
+        diff = "-" if baseline else _diff(acc, ce, both)
         secs = [sum(phase_seconds(seed_dir(out / f, s), p) for f, p in phases.items()) for s in acc]
         lines.append(f"| {name} | {cell} | {per} | {diff} | {sum(secs) / len(secs) / 60:.1f} min |")
     return "\n".join(lines)
