@@ -23,11 +23,10 @@ interval, and the mean training time (pre-training included for the classifiers 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from seeded_runs import Run, run_all
-from supcon.repeats import mean_std, paired_difference, parse_seeds, seed_dir
+from seeded_runs import Run, add_common_arguments, result_row, run_all
+from supcon.repeats import mean_std, paired_difference, seed_dir
 from supcon.rundir import phase_seconds
 
 RUNS = {  # run folder: (command, preset, its --from folder, overrides beyond the common ones)
@@ -58,14 +57,10 @@ ROWS = [  # (table row, run folder, experiment name in that run's results, phase
 
 def _accuracies(out: Path, folder: str, experiment: str) -> dict[int, float] | None:
     """Test accuracy per finished seed of one table row, or None before its run has results."""
-    path = out / folder / "results.json"
-    if not path.exists():
+    if not (out / folder / "results.json").exists():
         return None
-    agg = json.loads(path.read_text())
-    row = next((r for r in agg["rows"] if r["experiment"] == experiment), None)
-    if row is None:
-        raise SystemExit(f"{out / folder}: no row {experiment!r}")
-    return dict(zip(agg["seeds"], row["per_seed"], strict=True))
+    row = result_row(out / folder, experiment)
+    return dict(zip(row["seeds"], row["per_seed"], strict=True))
 
 
 def table(out: Path, seeds: list[int]) -> str:
@@ -77,13 +72,14 @@ def table(out: Path, seeds: list[int]) -> str:
         acc = ce if baseline else _accuracies(out, folder, experiment)
         if not acc:
             continue
-        vals = [acc[s] for s in seeds if s in acc]
+        have = [s for s in seeds if s in acc]
+        vals = [acc[s] for s in have]
         mean, std = mean_std(vals)
         cell = f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
         per = ", ".join(f"{100 * v:.2f}" for v in vals)
         both = [s for s in seeds if s in acc and s in ce]
         diff = "-" if baseline else _diff(acc, ce, both)
-        secs = [sum(phase_seconds(seed_dir(out / f, s), p) for f, p in phases.items()) for s in acc]
+        secs = [sum(phase_seconds(seed_dir(out / f, s), p) for f, p in phases.items()) for s in have]
         lines.append(f"| {name} | {cell} | {per} | {diff} | {sum(secs) / len(secs) / 60:.1f} min |")
     return "\n".join(lines)
 
@@ -101,12 +97,9 @@ def _diff(acc: dict[int, float], ce: dict[int, float], seeds: list[int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="CIFAR-10 (image folder or pickle copy)")
-    p.add_argument("--out", type=Path, required=True, help="folder for the run folders")
-    p.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2])
+    add_common_arguments(p, [0, 1, 2], "folder for the run folders")
     p.add_argument("--epochs", type=int, default=50, help="epochs of every phase")
     p.add_argument("--only", default=",".join(RUNS), help=f"runs to train, of {','.join(RUNS)}")
-    p.add_argument("--table-only", action="store_true", help="print the table of finished runs")
-    p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if not args.table_only:
         run_all(args.out, _runs(args), args.seeds, args.device)

@@ -27,11 +27,10 @@ gives test accuracy overall and per group of classes by training images (many > 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from seeded_runs import Run, run_all
-from supcon.repeats import parse_seeds, seed_dir
+from seeded_runs import Run, add_common_arguments, result_row, run_all
+from supcon.repeats import seed_dir
 from supcon.rundir import phase_seconds
 
 GROUPS = ("test_acc", "many_acc", "medium_acc", "few_acc")
@@ -85,10 +84,7 @@ def table(out: Path, seeds: list[int]) -> str:
 
     lines = ["| method | overall | many | medium | few | train time |", "|---|---|---|---|---|---|"]
     for name, folder, experiment in ROWS:
-        agg = json.loads((out / folder / "results.json").read_text())
-        row = next((r for r in agg["rows"] if r["experiment"] == experiment), None)
-        if row is None:
-            raise SystemExit(f"{out / folder}: no row {experiment!r}")
+        row = result_row(out / folder, experiment)
         cells = [pct(row["metrics"].get(k)) for k in GROUPS]
         secs = [_train_seconds(out, name, folder, s) for s in seeds]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {sum(secs) / len(secs) / 60:.1f} min |")
@@ -98,13 +94,10 @@ def table(out: Path, seeds: list[int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="CIFAR-10 (image folder or pickle copy)")
-    p.add_argument("--out", type=Path, required=True, help="folder for the run folders")
-    p.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2])
+    add_common_arguments(p, [0, 1, 2], "folder for the run folders")
     p.add_argument("--imbalance", type=float, default=100.0)
     p.add_argument("--ce-epochs", type=int, default=12)
     p.add_argument("--pretrain-epochs", type=int, default=6)
-    p.add_argument("--table-only", action="store_true", help="print the table of finished runs")
-    p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if not args.table_only:
         run_all(args.out, _runs(args), args.seeds, args.device)

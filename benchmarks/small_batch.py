@@ -26,12 +26,11 @@ mean training time (pre-training included for the probes).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 
-from seeded_runs import Run, run_all
-from supcon.repeats import parse_seeds, seed_dir
+from seeded_runs import Run, add_common_arguments, result_row, run_all
+from supcon.repeats import seed_dir
 from supcon.rundir import phase_seconds
 
 ROWS = [  # (table row, run folder, experiment name in that run's results)
@@ -84,8 +83,7 @@ def _train_seconds(out: Path, name: str, folder: str, seed: int) -> float:
 def table(out: Path, seeds: list[int]) -> str:
     lines = ["| method | accuracy | per seed | train time |", "|---|---|---|---|"]
     for name, folder, experiment in ROWS:
-        agg = json.loads((out / folder / "results.json").read_text())
-        row = next(r for r in agg["rows"] if r["experiment"] == experiment)
+        row = result_row(out / folder, experiment)
         std = "" if row["test_acc_std"] is None else f" ± {100 * row['test_acc_std']:.2f}"
         per = ", ".join(f"{100 * v:.2f}" for v in row["per_seed"])
         minutes = sum(_train_seconds(out, name, folder, s) for s in seeds) / len(seeds) / 60
@@ -96,13 +94,10 @@ def table(out: Path, seeds: list[int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cifar", type=Path, required=True, help="CIFAR-10 image folder")
-    p.add_argument("--out", type=Path, required=True, help="folder for the manifest and the run folders")
-    p.add_argument("--seeds", type=parse_seeds, default=[0, 1])
+    add_common_arguments(p, [0, 1], "folder for the manifest and the run folders")
     p.add_argument("--per-class", type=int, default=500)
     p.add_argument("--ce-epochs", type=int, default=20)
     p.add_argument("--pretrain-epochs", type=int, default=10)
-    p.add_argument("--table-only", action="store_true", help="print the table of finished runs")
-    p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if not args.table_only:
         manifest = subset(args.cifar, args.out, args.per_class)
