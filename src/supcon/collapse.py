@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from supcon.loss import _class_counts
+
 COLLAPSED = 0.98  # mean cosine similarity of negative pairs above which an epoch counts as collapsed
 _ROWS = 1024  # rows of the pairwise label overlap at a time (multi-label)
 
@@ -36,7 +38,7 @@ def negative_similarity(z: torch.Tensor, labels: torch.Tensor | None, num_classe
         groups, n_groups = labels, num_classes
     groups = groups.repeat_interleave(v)
     sums = zn.new_zeros(n_groups, d).index_add_(0, groups, zn)
-    counts = zn.new_zeros(n_groups).index_add_(0, groups, torch.ones_like(groups, dtype=zn.dtype))
+    counts = _class_counts(groups, n_groups, zn.dtype)
     total = zn.sum(dim=0).square().sum() - sums.square().sum()  # all pairs less same-group pairs
     return torch.stack([total, float(b * v) ** 2 - counts.square().sum()])
 

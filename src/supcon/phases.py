@@ -209,7 +209,7 @@ def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
         counts = class_counts(split.train_y, data.num_classes)
         step = bcl.make_step(net, lc, rt, feed, train.train_y, views, counts)
     else:
-        step = _contrastive_step(net, extra, feed, train.train_y, lc, rt, views, data.multilabel)
+        step = _contrastive_step(net, extra, feed, train.train_y, lc, rt, views, data)
     monitor = _knn_monitor(model, cfg, data, split, rt)
 
     order = order_fn(split.train_y, cfg.data.sampler)
@@ -223,12 +223,11 @@ def pretrain(run: Run, data: ImageDataset, split: Split) -> ContrastiveModel:
     return model
 
 
-def _contrastive_step(net, extra, feed, train_y, lc, rt: Runtime, views: int, multilabel_data: bool):
+def _contrastive_step(net, extra, feed, train_y, lc, rt: Runtime, views: int, data: ImageDataset):
     """The SupCon (or SimCLR) step, with the memory queue's keys and the joint classifier's
     cross-entropy where configured."""
     use_labels = lc.method != "simclr"
     queue = extra.queue.queue if extra.queue is not None else None
-    n_cls = int(train_y.max()) + 1 if train_y.dim() == 1 and len(train_y) else 0  # one read, here
 
     def step(b, n_global, g):
         x = feed(b, g)  # [V*B, C, H, W], view-major
@@ -245,13 +244,13 @@ def _contrastive_step(net, extra, feed, train_y, lc, rt: Runtime, views: int, mu
             variant=lc.variant,
             chunk_size=lc.chunk_size,
             gather=dist.world_size() > 1,
-            multilabel=lc.multilabel if multilabel_data and use_labels else None,
+            multilabel=lc.multilabel if data.multilabel and use_labels else None,
             keys=keys,
             key_labels=key_labels if use_labels else None,
         )
         if queue is not None:  # after the loss: a batch is not its own key; every rank, every step
             queue.enqueue(_keys_of(extra.ema, x, z, n, views, rt), y)
-        neg = negative_similarity(z, y if use_labels else None, n_cls)
+        neg = negative_similarity(z, y if use_labels else None, data.num_classes)
         if logits is None:
             return StepOut(loss, ddp_global(loss), negatives=neg)
         ce = _ce(logits[:n], y)  # the first view's features
