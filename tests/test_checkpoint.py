@@ -95,3 +95,67 @@ def test_unreadable_only_checkpoint_has_no_hint(tmp_path):
     ):
         load_checkpoint(tmp_path / "ce-e0001.pt")
     assert load_latest_checkpoint(tmp_path / "none", "ce") is None
+
+
+class _RunsCode:
+    """A pickle payload: unpickling calls ``fn(*args)``."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def _payloads(marker):
+    code = f"open({str(marker)!r}, 'w').write('ran')"
+    return {
+        "exec": _RunsCode(exec, code),
+        "eval": _RunsCode(eval, code),
+        "os.system": _RunsCode(os.system, f"touch {marker}"),
+        "subprocess": _RunsCode(subprocess.call, ["touch", str(marker)]),
+        "plain class": _RunsCode,  # a global outside the allow-list, even without a call
+    }
+
+
+@pytest.mark.parametrize("name", list(_payloads("x")))
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, name, where):
+    marker = tmp_path.parent / f"ran-{name.replace(' ', '-')}-{where}"
+    payload = _payloads(marker)[name]
+    state = {"epoch": 1, "model": {"w": torch.ones(2)}}
+    if where == "top":
+        state = payload
+    else:  # hidden deep inside an otherwise ordinary checkpoint
+        state["optimizer"] = {"state": {0: {"extra": [payload]}}}
+    path = tmp_path / "pretrain-e0001.pt"
+    torch.save(state, path)
+    with pytest.raises(UsageError, match="refusing to load"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_every_type_a_real_checkpoint_holds_loads_without_unpickling_code(tmp_path):
+    from supcon.optim import build_optimizer, build_scheduler
+
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model, "sgd", lr=0.1, momentum=0.9)
+    sched = build_scheduler(opt, "cosine", total_steps=10, warmup_steps=2)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    rng = torch.get_rng_state()
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+        "g_data": torch.Generator().manual_seed(1).get_state(),
+        "streams": [{"augment": {"device": "cpu", "state": rng}, "torch": rng}],
+        "history": [{"loss": 1.5, "acc": None}],
+        "config": {"seed": 0, "data": {"mean": [0.5, 0.5], "name": "digits"}},
+    }
+    save_checkpoint(state, tmp_path / "pretrain-e0001.pt")
+    loaded = load_checkpoint(tmp_path / "pretrain-e0001.pt")
+    assert loaded["scheduler"]["_last_lr"] == sched.state_dict()["_last_lr"]
+    assert torch.equal(loaded["streams"][0]["torch"], rng)

@@ -92,6 +92,28 @@ def test_resume_refuses_changed_config_and_bad_checkpoint(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+class _WritesFile:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_resume_from_a_prepared_checkpoint_refuses_it_and_runs_no_code(tmp_path, capsys):
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    assert cli(["pretrain", *BASE, "--epochs", "2", "--out", str(run), "--stop-after", "1"]) == 0
+    ckpt = next((run / "checkpoints").glob("pretrain-e*.pt"))
+    state = torch.load(ckpt, weights_only=True)
+    state["history"].append(_WritesFile(marker))  # the rest of the checkpoint is genuine
+    torch.save(state, ckpt)
+    capsys.readouterr()
+    assert cli(["pretrain", *BASE, "--epochs", "2", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "refusing to load" in err and len(err.splitlines()) == 1
+    assert not marker.exists()
+
+
 def test_compare_resume_skips_finished_phases(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["compare", *BASE, "--epochs", "2", "--out", str(run)]

@@ -7,6 +7,7 @@ Ctrl-C mid-write never leaves a truncated checkpoint behind.
 from __future__ import annotations
 
 import glob
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"checkpoint not found: {path}")
     try:
-        # Checkpoints hold RNG states and optimizer state besides tensors; they are our own files.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a run folder may come from someone else, and a pickle can run any code on
+        # load. Checkpoints hold only tensors, numbers, strings, lists and dicts (RNG states are byte
+        # tensors, the lr schedule saves its fields as a dict), all of which the restricted
+        # unpickler admits; anything else is refused, not executed.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UsageError(
+            f"checkpoint {path} holds objects other than tensors and plain values "
+            f"({_first_line(e)}); refusing to load it: supcon checkpoints never do"
+        ) from None
     except Exception as e:  # truncated or corrupt file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         msg = f"checkpoint {path} is unreadable ({type(e).__name__}" + (f": {reason})" if reason else ")")
@@ -46,6 +55,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         if older is not None:
             msg += f"; an older one exists: {older.name}; delete {path.name} to resume from it"
         raise UsageError(msg) from None
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:limit] if text else type(e).__name__
 
 
 def latest_checkpoint(folder: Path, stem: str) -> Path | None:
