@@ -3,6 +3,7 @@
     python benchmarks/gpu.py                                   # ResNet-18 and -50, batch 1024, H100/H200
     python benchmarks/gpu.py --models resnet18 --steps 50 --compile --json gpu.json
     python benchmarks/gpu.py --device cpu --steps 2 --batch-size 16 --width 8   # smoke test
+    python benchmarks/gpu.py --models resnet50 --losses supcon --profile prof.txt  # where the time goes
 
 Each configuration trains on CIFAR-10-shaped uint8 images held on the device (random ones, or
 ``--data PATH``, an image folder or CIFAR copy read by ``supcon.datasets.load_dataset``):
@@ -89,12 +90,18 @@ def build(kind: str, name: str, args, classes: int, device: torch.device):
     return model, opt
 
 
+def autocast_for(device: torch.device, precision: str):
+    """Autocast to bf16 or fp16 (speed only: no loss scaling here), or a no-op for fp32."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+
+
 def make_step(kind: str, model, run_model, opt, data: Data, args, device: torch.device, clock: Clock):
     """One training step; returns its time marks (start, model in, model out, backward in, out, end)."""
     views = args.views if kind == "supcon" else 1
     aug = BatchAugment(AugmentConfig())
     g = torch.Generator(device=device).manual_seed(1)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    autocast = autocast_for(device, args.precision)
 
     def step():
         t0 = clock.mark()
@@ -128,7 +135,7 @@ def count_model_flops(model, kind: str, args, device: torch.device) -> int:
     )
     counter = FlopCounterMode(display=False)
     with counter:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        with autocast_for(device, args.precision):
             out = model(x)
         out.float().backward(torch.ones_like(out, dtype=torch.float32))
     model.zero_grad(set_to_none=True)
@@ -138,6 +145,24 @@ def count_model_flops(model, kind: str, args, device: torch.device) -> int:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def profile_steps(step, args, device: torch.device, path: str) -> None:
+    """``--profile``: a few more steps under torch.profiler; the ops by device (or CPU) time go to
+    ``path`` and the top of the table to stdout, under the configuration's heading."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile_steps):
+            step()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60)
+    with open(path, "a") as f:
+        f.write(f"\n## {args.current} ({args.profile_steps} steps)\n{table}\n")
+    print(f"\nprofile {args.current}, {args.profile_steps} steps, sorted by {key}:")
+    print("\n".join(table.splitlines()[:18]), flush=True)
 
 
 def bench(kind: str, name: str, data: Data, args, device: torch.device) -> dict:
@@ -159,6 +184,9 @@ def bench(kind: str, name: str, data: Data, args, device: torch.device) -> dict:
     in_model = sum(clock.seconds(m[1], m[2]) + clock.seconds(m[3], m[4]) for m in marks)
     views = args.views if kind == "supcon" else 1
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    if args.profile:
+        args.current = f"{name} {kind}" + (" compiled" if args.compile else "")
+        profile_steps(step, args, device, args.profile)
     del model, opt, run_model, step
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -213,9 +241,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=50_000, help="random images held on the device")
     ap.add_argument("--data", default=None, help="an image folder or CIFAR copy instead of random images")
     ap.add_argument("--compile", action="store_true", help="torch.compile the network")
-    ap.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16, fp32 on CPU")
+    ap.add_argument(
+        "--precision", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16, fp32 on CPU"
+    )
     ap.add_argument("--peak-flops", type=float, default=989e12, help="the device's peak bf16 FLOP/s")
     ap.add_argument("--json", default=None, help="also write the table to this JSON file")
+    ap.add_argument("--profile", default=None, help="append torch.profiler op tables to this file")
+    ap.add_argument("--profile-steps", type=int, default=5, help="steps profiled per configuration")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.warmup is None:

@@ -61,7 +61,7 @@ def test_alike_projections_read_one_and_opposite_classes_minus_one():
     assert (s / n, n) == (pytest.approx(-1.0), 32)  # 8 rows: 4 of each class, 2 * 4 * 4 pairs
 
 
-def _phase(cos: float, epochs: int) -> loop.Phase:
+def _phase(cos: float, epochs: int, warmup_epochs: float = 0.0) -> loop.Phase:
     model = nn.Linear(4, 3)
     x = torch.randn(10, 4)
 
@@ -70,7 +70,7 @@ def _phase(cos: float, epochs: int) -> loop.Phase:
         pairs = torch.tensor(float(len(b.idx) * 6))
         return loop.StepOut(loss, loss, negatives=torch.stack([cos * pairs, pairs]))
 
-    cfg = PhaseConfig(epochs=epochs, batch_size=4, optimizer="sgd", lr=0.01)
+    cfg = PhaseConfig(epochs=epochs, batch_size=4, optimizer="sgd", lr=0.01, warmup_epochs=warmup_epochs)
     return loop.Phase("pretrain", cfg, model, list(model.parameters()), step, 10)
 
 
@@ -83,3 +83,20 @@ def test_the_loop_records_it_and_warns_once_from_epoch_two(tmp_path, monkeypatch
     lines = [x for x in capsys.readouterr().err.splitlines() if "collapsed" in x]
     expected = ["supcon: warning: pretrain epoch 2: the projections have collapsed"] if warned else []
     assert [x.split(" (")[0] for x in lines] == expected
+
+
+@pytest.mark.parametrize("warmup, first", [(0, 2), (1, 2), (2.5, 4), (10, None)])
+def test_epochs_inside_the_warm_up_are_not_judged(tmp_path, monkeypatch, capsys, warmup, first):
+    # Seen on a GPU with the paper's recipe: 0.99 at epoch 2 of a 10-epoch warm-up, in a run that
+    # learns; the warning came too early to mean anything.
+    monkeypatch.setattr(loop, "_save", lambda *a, **k: tmp_path / "not-saved.pt")
+    run = Run(Config(), Runtime(torch.device("cpu"), None, False), tmp_path, progress=False)
+    loop.fit(_phase(0.99, epochs=5, warmup_epochs=warmup), run)
+    lines = [x for x in capsys.readouterr().err.splitlines() if "collapsed" in x]
+    assert [x.split(":")[2].strip() for x in lines] == ([] if first is None else [f"pretrain epoch {first}"])
+
+
+def test_a_warning_inside_the_warm_up_is_not_counted_as_said():
+    history = [{"epoch": 1, "neg_cos": 0.99}, {"epoch": 2, "neg_cos": 0.99}]
+    assert not collapse.warn_if_collapsed("pretrain", history[:1], history[1], warmup_epochs=3)
+    assert collapse.warn_if_collapsed("pretrain", history, {"epoch": 4, "neg_cos": 0.985}, warmup_epochs=3)

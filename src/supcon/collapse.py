@@ -10,6 +10,7 @@ labels"). The sign is the mean cosine similarity of the negative pairs: it is cl
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -53,13 +54,20 @@ def _multilabel(zn: torch.Tensor, hot: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def warn_if_collapsed(phase: str, history: list[dict], record: dict) -> bool:
-    """Print one warning line the first epoch (after the first) whose negative pairs are as similar
-    as :data:`COLLAPSED`; True when it did."""
+def warn_if_collapsed(phase: str, history: list[dict], record: dict, warmup_epochs: float = 0.0) -> bool:
+    """Print one warning line the first judged epoch whose negative pairs are as similar as
+    :data:`COLLAPSED`; True when it did.
+
+    Judged are the epochs after the first and after the learning-rate warm-up: a freshly built
+    network maps every image to nearly one point, and at warm-up's small steps it has not yet
+    moved away (the paper's ResNet-50 recipe reads 0.99 at epoch 2 of its 10 warm-up epochs and
+    0.95 at epoch 3, a run that learns).
+    """
     cos = record.get("neg_cos")
-    if cos is None or cos < COLLAPSED or record["epoch"] < 2:
+    first = max(2, math.ceil(warmup_epochs) + 1)
+    if cos is None or cos < COLLAPSED or record["epoch"] < first:
         return False
-    if any(r.get("neg_cos", 0.0) >= COLLAPSED and r["epoch"] >= 2 for r in history):
+    if any(r.get("neg_cos", 0.0) >= COLLAPSED and r["epoch"] >= first for r in history):
         return False  # said already
     print(
         f"supcon: warning: {phase} epoch {record['epoch']}: the projections have collapsed (pairs that "

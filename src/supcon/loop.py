@@ -282,7 +282,7 @@ def _epoch_record(phase: Phase, run: Run, totals: _Totals, sched, seconds: float
     if phase.on_epoch_end is not None and dist.is_main():
         record.update(phase.on_epoch_end(state.epoch + 1))
     if dist.is_main():
-        warn_if_collapsed(phase.name, state.history, record)
+        warn_if_collapsed(phase.name, state.history, record, phase.cfg.warmup_epochs)
     if dist.is_main() and run.progress:
         extra = "  ".join(f"{k}={v:.4f}" for k, v in record.items() if k.endswith("acc"))
         print(
