@@ -29,6 +29,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff format .
@@ -43,7 +44,7 @@ quick: setup
 
 bench: setup
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"
-	$(BIN)/python benchmarks/loss.py
+	$(BIN)/python benchmarks/speed/loss.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -89,7 +89,7 @@ def rank_features(case: Case, features: torch.Tensor):
     if case.layout == "slice":
         leaf = features.clone().requires_grad_(True)
         return leaf, leaf, lambda: leaf.grad
-    from supcon.augment import split_views
+    from supcon.data.augment import split_views
 
     # An encoder's output: rows v * b + i, one per view of each local image (none for b = 0).
     rows = features.transpose(0, 1).reshape(-1, features.shape[2]).clone().requires_grad_(True)
@@ -112,8 +112,8 @@ def run(rank: int, port: int, outdir: str) -> None:
     from launch import join_local_group
 
     join_local_group(rank, port, WORLD)
-    from supcon import dist as sdist
-    from supcon.loss import supcon_loss
+    from supcon.core import dist as sdist
+    from supcon.losses.supcon import supcon_loss
     from sync_counter import SyncCounter
 
     # Every collective below is checked against NCCL's rules: correct use must pass them.
@@ -179,7 +179,7 @@ def sampler_labels() -> torch.Tensor:
 
 
 def sampler_config(kind: str, epochs: int = 2, batch_size: int = 8):
-    from supcon.config import Config
+    from supcon.core.config import Config
 
     cfg = Config(device="cpu", precision="fp32", seed=4)
     cfg.data.sampler = kind
@@ -190,8 +190,8 @@ def sampler_config(kind: str, epochs: int = 2, batch_size: int = 8):
 def recording_phase(run, labels: torch.Tensor, seen: list, stop_at: int | None = None):
     """A ``ce`` phase over ``labels`` whose step records this rank's indices (and asks to stop after
     ``stop_at`` steps); its loss depends on the indices, so the weights do too."""
-    from supcon.loop import Phase, StepOut, ddp_share
-    from supcon.sampler import order_fn
+    from supcon.data.sampler import order_fn
+    from supcon.train.loop import Phase, StepOut, ddp_share
 
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 3)
@@ -220,8 +220,8 @@ def sampler_run(rank: int, port: int, outdir: str) -> None:
     from launch import join_local_group
 
     join_local_group(rank, port, WORLD)
-    from supcon.loop import fit
-    from supcon.rundir import open_run
+    from supcon.runs.open import open_run
+    from supcon.train.loop import fit
 
     run = open_run(sampler_config("class-balanced"), Path(outdir) / "run", progress=False)
     seen: list = []
@@ -284,7 +284,7 @@ def key_case_data(index: int, case: KeyCase):
 
 
 def run_key_cases(rank: int, results: dict) -> None:
-    from supcon.loss import supcon_loss
+    from supcon.losses.supcon import supcon_loss
 
     results["key_cases"] = {}
     for index, case in enumerate(key_cases()):
@@ -322,8 +322,8 @@ def run_queue(rank: int, port: int, outdir: str) -> None:
     from launch import join_local_group
 
     join_local_group(rank, port, WORLD)
-    from supcon import dist as sdist
-    from supcon.queue import LabelQueue
+    from supcon.core import dist as sdist
+    from supcon.losses.queue import LabelQueue
 
     sdist.set_strict("cpu")
     results = {}

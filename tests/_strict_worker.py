@@ -15,7 +15,7 @@ WORLD = 2
 
 
 def _outcome(fn) -> str | None:
-    from supcon.dist import CollectiveError
+    from supcon.core.dist import CollectiveError
 
     try:
         fn()
@@ -29,8 +29,8 @@ def run(rank: int, port: int, outdir: str) -> None:
 
     os.environ["SUPCON_STRICT_COLLECTIVES"] = "1"  # the backend's device: the CPU under gloo
     join_local_group(rank, port, WORLD)
-    from supcon import dist as sdist
-    from supcon.loss import supcon_loss
+    from supcon.core import dist as sdist
+    from supcon.losses.supcon import supcon_loss
 
     out: dict = {"env_device": str(sdist.strict_device())}
     # Rows of a different width on each rank: a gather NCCL would run with mismatched buffers.

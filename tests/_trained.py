@@ -29,7 +29,9 @@ def trained_run(tmp_path_factory) -> Path:
         with pytest.MonkeyPatch.context() as mp:
             # The report's t-SNE map takes most of such a run (a minute on a busy CPU) and is not
             # what these tests read: its file is left out.
-            mp.setattr("supcon.retrieval_report.plot_tsne", lambda maps, y, classes, path, seed: path)
+            mp.setattr(
+                "supcon.evaluation.retrieval_report.plot_tsne", lambda maps, y, classes, path, seed: path
+            )
             supcon.run("compare", out=out, overrides=OVERRIDES, progress=False)
         _RUNS["run"] = out
     return _RUNS["run"]
@@ -37,8 +39,8 @@ def trained_run(tmp_path_factory) -> Path:
 
 def run_data():
     """The run's dataset, loaded as training loaded it."""
-    from supcon.config import Config, set_values
-    from supcon.datasets import load_split
+    from supcon.core.config import Config, set_values
+    from supcon.data.datasets import load_split
 
     cfg = Config()
     set_values(cfg, OVERRIDES)

@@ -1,36 +1,10 @@
-"""Launch helpers for the tests and benchmarks that start processes on this machine."""
+"""Launch helpers for the tests that start processes on this machine (the command line of a local
+torchrun and a free port are :func:`supcon.core.dist.local_command` and ``free_port``)."""
 
 from __future__ import annotations
 
 import datetime
 import os
-import socket
-import sys
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1, for a process group on this machine."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def local_command(args: list[str], nproc: int = 1) -> list[str]:
-    """The command line of ``supcon ARGS`` on this machine: one plain process, or ``torchrun`` with
-    ``nproc`` processes on a free local port."""
-    if nproc == 1:
-        return [sys.executable, "-m", "supcon", *args]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "supcon",
-        *args,
-    ]
 
 
 def spawn(fn, args: tuple, nprocs: int, timeout_s: float) -> None:

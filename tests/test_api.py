@@ -4,9 +4,8 @@ import pytest
 
 import supcon
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_python_api_runs_an_experiment(tmp_path):
     out = tmp_path / "run"
     overrides = {"data.dataset": "digits", "ce.epochs": 1, "ce.batch_size": 256, "precision": "fp32"}
@@ -31,6 +30,7 @@ def _denormal_survives() -> bool:
     return (torch.tensor([1e-39]) * 1.0).item() != 0.0
 
 
+@pytest.mark.slow
 def test_every_command_is_callable_from_python_and_the_api_leaves_the_process_alone(tmp_path):
     import torch
 
@@ -58,7 +58,14 @@ def test_every_command_is_callable_from_python_and_the_api_leaves_the_process_al
         torch.set_flush_denormal(False)
 
 
-def test_usage_error_is_a_value_error():
-    from supcon.errors import UsageError
+def test_usage_error_is_a_value_error_and_public():
+    from supcon.core.errors import UsageError
 
-    assert issubclass(UsageError, ValueError)
+    assert issubclass(UsageError, ValueError) and supcon.UsageError is UsageError
+
+
+def test_device_for_a_training_command_is_not_ignored(tmp_path):
+    # device reaches the config: an impossible one is refused before anything runs.
+    with pytest.raises(supcon.UsageError, match="meta"):
+        supcon.run("train-ce", out=tmp_path / "r", device="meta", overrides={"data.dataset": "digits"})
+    assert not (tmp_path / "r").exists()

@@ -80,6 +80,10 @@ def test_existing_run_folder_is_refused_then_overwritten(tmp_path, capsys):
         (["compare", "--set", "pretrain.nope=1"], "pretrain.nope"),
         (["eval", "--from", "/no/such/run"], "does not exist"),
         (["compare", "--resume"], "--resume needs --out"),
+        (["train-ce", "--temperature", "9"], "unrecognized arguments: --temperature"),
+        (["train-ce", "--method", "simclr"], "unrecognized arguments: --method"),
+        (["linear", "--temperature", "0.5"], "unrecognized arguments: --temperature"),
+        (["compare", "--dataset", "cifar10", "--image-size", "64"], "data.image_size (--image-size) does not"),
     ],
 )
 def test_bad_input_one_line_exit_2(args, message, capsys, tmp_path, monkeypatch):
@@ -88,6 +92,16 @@ def test_bad_input_one_line_exit_2(args, message, capsys, tmp_path, monkeypatch)
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_train_ce_is_not_refused_for_a_rule_of_pre_training(tmp_path, capsys):
+    # SimCLR with one view cannot pre-train, but train-ce runs no pre-training.
+    sets = ["--set", "loss.method=simclr", "--set", "pretrain.views=1", "--epochs", "1"]
+    code, _, err = run_cli(["train-ce", *TINY, *sets, "--out", str(tmp_path / "r")], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["pretrain", *TINY, *sets, "--out", str(tmp_path / "p")], capsys)
+    assert code == 2 and "pretrain with views=1" in err
 
 
 def test_python_dash_m_entry_point_and_help():

@@ -8,8 +8,9 @@ commands come from :data:`supcon.experiments.COMMANDS`, the table the Python API
 tools that use a finished run (``embed``, ``export``) from :data:`TOOLS`. Bad input ends with one line
 on stderr and exit code 2.
 
-From here a command flows: :func:`run` -> ``experiments.run_command`` -> ``experiments.compare``
-(or one phase) -> ``phases.pretrain`` -> ``loop.fit`` -> the phase's step -> ``loss.supcon_loss``.
+From here a command flows: :func:`run` -> :func:`supcon.driver.execute` -> ``experiments.compare``
+(or one phase) -> ``train.phases.pretrain`` -> ``train.loop.fit`` -> the phase's step ->
+``losses.supcon.supcon_loss``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from supcon import dist
-from supcon.config import Config, Method, Precision, choices, preset_names, set_value, set_values
-from supcon.errors import UsageError
+from supcon.core import dist
+from supcon.core.config import Method, Precision, choices, preset_names
+from supcon.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from supcon.driver import Request
 
 
 def _positive_int(text: str) -> int:
@@ -47,7 +51,7 @@ def _positive_float(text: str) -> float:
 
 
 def _seed_list(text: str) -> list[int]:
-    from supcon.repeats import parse_seeds
+    from supcon.runs.seeds import parse_seeds
 
     try:
         return parse_seeds(text)
@@ -119,8 +123,20 @@ FLAGS: tuple[Flag, ...] = (
         metavar="FILE",
         commands=("compare", "train-ce", "pretrain", "linear"),
     ),  # fmt: skip
-    Flag("--method", "loss.method", "contrastive method", choices=choices(Method)),
-    Flag("--temperature", "loss.temperature", "loss temperature", type=_positive_float),
+    Flag(
+        "--method",
+        "loss.method",
+        "contrastive method",
+        choices=choices(Method),
+        commands=("compare", "pretrain"),
+    ),  # fmt: skip
+    Flag(
+        "--temperature",
+        "loss.temperature",
+        "loss temperature",
+        type=_positive_float,
+        commands=("compare", "pretrain"),
+    ),  # fmt: skip
     Flag("--device", "device", "auto (CUDA when present), cpu, cuda or cuda:N"),
     Flag(
         "--precision",
@@ -144,11 +160,11 @@ FLAGS: tuple[Flag, ...] = (
 # their own. Each module has ``add_arguments(parser)`` and ``main(args) -> exit code``.
 TOOLS: dict[str, tuple[str, str]] = {
     "embed": (
-        "supcon.embed",
+        "supcon.serve.embed",
         "embeddings of a dataset under a run's encoder, to .npz or .parquet (--from DIR)",
     ),
     "export": (
-        "supcon.export",
+        "supcon.serve.export",
         "a run's model as TorchScript, ONNX or safetensors, taking uint8 images (--from DIR)",
     ),
 }
@@ -208,12 +224,10 @@ def _add_flags(p: argparse.ArgumentParser, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from supcon.experiments import COMMANDS
-
     parser = _Parser(prog="supcon", description="Supervised contrastive learning of image classifiers.")
     parser.add_argument("--version", action="version", version=f"supcon {__import__('supcon').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
-    for name, spec in COMMANDS.items():
+    for name, spec in _commands().items():
         p = sub.add_parser(name, help=spec.help, description=spec.help)
         if spec.needs_from or spec.takes_from:
             p.add_argument(
@@ -235,16 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The explicit flags as ``{config key: value}`` (what ``--set`` would apply)."""
-    from supcon.experiments import COMMANDS
-
+    phases = _commands()[args.command].phases
     out: dict[str, Any] = {}
     for f in FLAGS:
         value = getattr(args, f.flag[2:].replace("-", "_"), None)
         if value is None:
             continue
-        keys = (
-            [f.key.format(phase=p) for p in COMMANDS[args.command].phases] if "{phase}" in f.key else [f.key]
-        )
+        keys = [f.key.format(phase=p) for p in phases] if "{phase}" in f.key else [f.key]
         out |= dict.fromkeys(keys, value)
     if args.data is not None:
         out["data.dataset"] = args.dataset  # None: recognised from the folder
@@ -253,134 +264,97 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def resolve_config(args: argparse.Namespace) -> Config:
-    """Preset (or the saved config on --resume, or the --from run's for linear), then the explicit
-    flags, then --set overrides."""
-    from supcon.experiments import base_config
+def request(args: argparse.Namespace) -> Request:
+    """The driver's request for parsed arguments: preset (or the saved config on --resume, or the
+    --from run's for linear), then the explicit flags, then --set overrides."""
+    from supcon.driver import Request
 
-    resume_dir = args.out if args.resume else None
-    cfg = base_config(args.command, args.preset, resume_dir, getattr(args, "from_dir", None))
-    set_values(cfg, flag_overrides(args))
-    for assignment in args.set:
-        set_value(cfg, assignment)
-    if cfg.tune_cpu is None:
-        cfg.tune_cpu = True
-    return cfg
+    trains = _commands()[args.command].trains
+    return Request(
+        args.command,
+        preset=getattr(args, "preset", None),
+        out=getattr(args, "out", None),
+        from_dir=getattr(args, "from_dir", None),
+        overrides=flag_overrides(args) if trains else {},
+        assignments=list(getattr(args, "set", [])),
+        seeds=getattr(args, "seeds", None),
+        overwrite=getattr(args, "overwrite", False),
+        resume=getattr(args, "resume", False),
+        progress=not getattr(args, "quiet", False),
+        stop_after=getattr(args, "stop_after", None),
+        device=None if trains else args.device,
+        tune_cpu=True,
+        on_result=_print_result,
+    )
+
+
+def _commands():
+    """:data:`supcon.experiments.COMMANDS`, imported when first needed."""
+    from supcon.experiments import COMMANDS
+
+    return COMMANDS
 
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in TOOLS:
         return importlib.import_module(TOOLS[args.command][0]).main(args)
-    from supcon.experiments import COMMANDS, evaluate
+    from supcon import driver
 
-    if not COMMANDS[args.command].trains:
-        from supcon.report import evaluation_text
+    req = driver.check(request(args))
+    if not _commands()[req.command].trains:
+        from supcon.evaluation.report import evaluation_text
 
-        print(evaluation_text(evaluate(args.from_dir, device=args.device or "auto")))
+        print(evaluation_text(driver.execute(req)))
         return 0
-    if args.resume and args.out is None:
-        raise UsageError("--resume needs --out DIR (the run folder to continue)")
-    from supcon.rundir import default_run_dir
-
-    args.out = args.out or default_run_dir(args.command)
-    cfg = resolve_config(_for_seed(args, args.seeds[0]) if args.seeds else args)
     # Under torchrun: join the process group (gloo on CPU, NCCL on CUDA); a no-op otherwise.
-    device = dist.init_from_env(cfg.device)
+    first = driver.for_seed(req, req.seeds[0]) if req.seeds else req
+    req.device = dist.init_from_env(driver.resolve_config(first).device)
     try:
-        code = _train_seeds(args, device) if args.seeds else _train(args, cfg, device)
+        _train(req)
         # Every rank finishes (rank 0 writes the last files) before any rank tears down its
         # connections: a rank that exits while a peer still talks to it can abort in gloo.
         dist.barrier()
-        return code
+        return 0
     finally:
         dist.destroy()
 
 
-def _train(args: argparse.Namespace, cfg: Config, device: str, into: dict | None = None) -> int:
-    from supcon import experiments as ex
-    from supcon.report import table
-    from supcon.rundir import open_run
-    from supcon.stop import Interrupted
+def _train(req: Request) -> None:
+    from supcon import driver
+    from supcon.core.stop import Interrupted
+    from supcon.runs.seeds import summary_table
 
-    run = open_run(
-        cfg,
-        args.out,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        progress=not args.quiet,
-        device=device,
-        stop_after=args.stop_after,
-    )
     try:
-        with run.stop:
-            results = ex.run_command(run, args.command, getattr(args, "from_dir", None))
+        results = driver.execute(req)
     except Interrupted as stop:
         if dist.is_main():
-            print(f"stopped: progress saved in {stop.checkpoint}; continue with: {_resume_command(args)}",
+            print(f"stopped: progress saved in {stop.checkpoint}; continue with: {_resume_command(req)}",
                   file=sys.stderr)  # fmt: skip
-        return 0
-    finally:
-        run.close()
-    if into is not None:
-        into.update(results)
+        return
+    if req.seeds is not None and dist.is_main():
+        print(
+            f"\nover seeds {req.seeds}: mean ± std\n{summary_table(results)}\n\nreport: {req.out}/report.md"
+        )
+
+
+def _print_result(req: Request, results: dict) -> None:
+    from supcon.evaluation.report import table
+
     if dist.is_main():
         print()
         print(table(results["rows"]))
-        print(f"\nrun folder: {args.out}  (report.md, curves.png, metrics.jsonl, weights/)")
-    return 0
+        print(f"\nrun folder: {req.out}  (report.md, curves.png, metrics.jsonl, weights/)")
 
 
-def _for_seed(args: argparse.Namespace, seed: int, folder: Path | None = None, resume: bool | None = None):
-    """The arguments of one seed's run of ``--seeds``: its own folder, seed and ``--from``."""
-    from supcon.repeats import seed_dir, seed_source
-
-    folder = folder or seed_dir(args.out, seed)
-    resume = args.resume and (folder / "config.yaml").is_file() if resume is None else resume
-    from_dir = seed_source(getattr(args, "from_dir", None), seed)
-    root = {"seeds_out": args.out, "seeds_from": getattr(args, "from_dir", None)}
-    return argparse.Namespace(
-        **{**vars(args), "out": folder, "resume": resume, "seed": seed, "from_dir": from_dir, **root}
-    )
-
-
-def _train_seeds(args: argparse.Namespace, device: str) -> int:
-    """``--seeds``: one run per seed in OUT/seed-N, then the aggregate in OUT (supcon.repeats)."""
-    from supcon.repeats import fresh_seed_preset, run_seeds, summary_table
-
-    class _Stopped(Exception):
-        pass
-
-    def one(seed: int, folder: Path, again: bool) -> dict:
-        sub = _for_seed(args, seed, folder, again)
-        if args.resume and not again:  # a seed not started yet: the started ones' config
-            sub.preset = fresh_seed_preset(args.command, args.out, args.preset)
-        results = {}
-        _train(sub, resolve_config(sub), device, results)
-        if not results:
-            raise _Stopped
-        return results
-
-    try:
-        results = run_seeds(args.command, args.seeds, args.out, one, resume=args.resume)
-    except _Stopped:
-        return 0  # the stopped seed said how to continue; the same command with --resume does
-    if dist.is_main():
-        print(
-            f"\nover seeds {args.seeds}: mean ± std\n{summary_table(results)}\n\nreport: {args.out}/report.md"
-        )
-    return 0
-
-
-def _resume_command(args: argparse.Namespace) -> str:
+def _resume_command(req: Request) -> str:
     """A command that continues this run: the saved config is the base, so no other flag is needed."""
-    parts, out, from_dir = ["supcon", args.command], args.out, getattr(args, "from_dir", None)
-    if getattr(args, "seeds_out", None) is not None:  # one seed of --seeds: continue them all
-        parts += ["--seeds", ",".join(map(str, args.seeds))]
-        out, from_dir = args.seeds_out, args.seeds_from
-    if from_dir is not None:
-        parts += ["--from", str(from_dir)]
-    return " ".join([*parts, "--resume", "--out", str(out)])
+    parts = ["supcon", req.command]
+    if req.seeds is not None:  # a repeat over seeds: continue them all
+        parts += ["--seeds", ",".join(map(str, req.seeds))]
+    if req.from_dir is not None:
+        parts += ["--from", str(req.from_dir)]
+    return " ".join([*parts, "--resume", "--out", str(req.out)])
 
 
 def main(argv: list[str] | None = None) -> None:

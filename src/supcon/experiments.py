@@ -1,7 +1,8 @@
-"""The commands as library calls, in one table (:data:`COMMANDS`) that the command line and
-:func:`run` share: ``compare`` (the Keras example's two experiments), the single phases, ``eval``.
+"""The commands as library calls, in one table (:data:`COMMANDS`) that :mod:`supcon.driver` runs
+for the command line and :func:`supcon.run`: ``compare`` (the Keras example's two experiments), the
+single phases, ``eval``.
 
-Each training command writes a run folder (see :mod:`supcon.rundir`); :func:`finish` adds
+Each training command writes a run folder (see :mod:`supcon.runs.folder`); :func:`finish` adds
 ``results.json``, ``report.md`` and the plots.
 """
 
@@ -14,12 +15,16 @@ from pathlib import Path
 
 import torch
 
-from supcon import dist, multilabel
-from supcon.checkpoint import save_weights
-from supcon.config import PHASES, Config, load_preset, set_values
-from supcon.datasets import ImageDataset, Split, load_split
-from supcon.errors import UsageError
-from supcon.evaluate import (
+from supcon.core import dist
+from supcon.core.checkpoint import save_weights
+from supcon.core.config import PHASES, Config
+from supcon.core.errors import UsageError
+from supcon.core.runlog import read_metrics
+from supcon.core.runtime import resolve_runtime
+from supcon.data.dataset import ImageDataset, Split
+from supcon.data.datasets import load_split
+from supcon.evaluation import multilabel
+from supcon.evaluation.evaluate import (
     accuracy,
     encoder_knn,
     encoder_knn_scores,
@@ -27,19 +32,10 @@ from supcon.evaluate import (
     predict,
     predict_logits,
 )
-from supcon.longtail import group_report
-from supcon.loop import Diverged
-from supcon.modelinfo import write_model_info
-from supcon.models import Classifier, build_encoder_for, load_phase_model
-from supcon.phases import pretrain, train_ce, train_linear
-from supcon.report import (
-    confusion_matrix,
-    plot_confusion,
-    plot_curves,
-    retrieval_section,
-    write_report,
-)
-from supcon.retrieval_report import (
+from supcon.evaluation.longtail import group_report
+from supcon.evaluation.plots import plot_confusion, plot_curves
+from supcon.evaluation.report import confusion_matrix, retrieval_section, write_report
+from supcon.evaluation.retrieval_report import (
     Features,
     encoder_features,
     open_set_block,
@@ -47,8 +43,11 @@ from supcon.retrieval_report import (
     retrieval_panel,
     tsne_map,
 )
-from supcon.rundir import Run, default_run_dir, open_run, read_config, read_metrics
-from supcon.runtime import resolve_runtime
+from supcon.models.build import Classifier, build_encoder_for, load_phase_model
+from supcon.runs.folder import read_config
+from supcon.runs.modelinfo import write_model_info
+from supcon.train.context import Run
+from supcon.train.phases import pretrain, train_ce, train_linear
 
 
 def _load(run: Run) -> tuple[ImageDataset, Split]:
@@ -149,8 +148,8 @@ def finish(
             results["retrieval_open_set"] = open_set
             heading = f"Open-set retrieval (classes never trained on: {', '.join(open_set['classes'])})"
             sections += retrieval_section(heading, open_set)
-        images.append(retrieval_panel(run, data, feats))
-        path, seconds = tsne_map(run, data, feats)
+        images.append(retrieval_panel(run.dir, run.cfg.seed, data, feats))
+        path, seconds = tsne_map(run.dir, run.cfg.seed, data, feats)
         images.append(path)
         results["tsne_seconds"] = round(seconds, 1)
     for phase, (name, pred) in (predictions or {}).items():
@@ -269,7 +268,7 @@ def linear_only(run: Run, from_dir: Path | None) -> dict:
     return finish(run, data, f"supcon linear: {run.cfg.name} on {data.name}", rows, {}, preds)
 
 
-def evaluate(run_dir: Path, device: str = "auto", retrieval: bool = True) -> dict:
+def evaluate_folder(run_dir: Path, device: str = "auto", retrieval: bool = True) -> dict:
     """What a run folder's weights give on the test set: ``rows`` (test accuracy of each classifier,
     kNN of a pre-trained encoder) and, with ``retrieval``, the ``retrieval`` (and for a run with
     ``data.exclude_classes``, ``retrieval_open_set``) blocks of its encoders, as in ``results.json``."""
@@ -323,15 +322,11 @@ def _test_row(name: str, model, data: ImageDataset, rt) -> dict:
     return {"experiment": name, "test_acc": accuracy(predict(model, data.test_x, rt, data.norm), data.test_y)}
 
 
-def evaluate_run(run_dir: Path, device: str = "auto") -> list[dict]:
-    """The test accuracy rows of :func:`evaluate` (no retrieval)."""
-    return evaluate(run_dir, device, retrieval=False)["rows"]
-
-
 @dataclass(frozen=True)
 class Command:
     help: str
     phases: tuple[str, ...]  # the phases its --epochs/--batch-size/--lr apply to
+    run: Callable[[Run, Path | None], dict] | None  # (opened run, --from) -> results; None: eval
     trains: bool = True  # opens a run folder (False: reads one, --from)
     needs_from: bool = False  # --from DIR: a run folder to start from
     takes_from: bool = False  # --from DIR, optional
@@ -339,128 +334,41 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "compare": Command(
-        "the Keras example's two experiments: cross-entropy vs contrastive pre-training + classifier", PHASES
+        "the Keras example's two experiments: cross-entropy vs contrastive pre-training + classifier",
+        PHASES,
+        lambda run, _: compare(run),
     ),
-    "train-ce": Command("experiment 1 alone: encoder + classifier trained with cross-entropy", ("ce",)),
+    "train-ce": Command(
+        "experiment 1 alone: encoder + classifier trained with cross-entropy",
+        ("ce",),
+        lambda run, _: train_ce_only(run),
+    ),
     "pretrain": Command(
-        "contrastive pre-training of the encoder (SupCon, or SimCLR with --method simclr)", ("pretrain",)
+        "contrastive pre-training of the encoder (SupCon, or SimCLR with --method simclr)",
+        ("pretrain",),
+        lambda run, _: pretrain_only(run),
     ),
     "linear": Command(
         "classifier on the encoder of a pre-training run (--from DIR) or of a weights file (--pretrained "
         "FILE): frozen, or --finetune",
         ("linear",),
+        linear_only,
         takes_from=True,
     ),
     "eval": Command(
         "test accuracy (and kNN) of the models in a run folder, retrieval of its encoders (--from DIR)",
         (),
+        None,
         trains=False,
         needs_from=True,
     ),
 }
 
 
-def run_command(run: Run, command: str, from_dir: Path | None = None) -> dict:
-    """A training command of :data:`COMMANDS` in an opened run."""
-    try:
-        if command == "compare":
-            return compare(run)
-        if command == "train-ce":
-            return train_ce_only(run)
-        if command == "pretrain":
-            return pretrain_only(run)
-        return linear_only(run, from_dir)
-    except Diverged as e:
-        if dist.is_main():
-            _report_failure(run, command, str(e))
-        raise
-
-
-def _report_failure(run: Run, command: str, message: str) -> None:
-    """A report that says why the run stopped, with the curves up to that point."""
+def report_failure(run: Run, command: str, message: str) -> None:
+    """A report that says why the run stopped, with the curves up to that point (rank 0)."""
+    if not dist.is_main():
+        return
     curves = plot_curves(read_metrics(run.dir), run.dir / "curves.png")
     title = f"supcon {command}: {run.cfg.name} stopped"
     write_report(run.dir, title, [f"**Training stopped**: {message}"], [], [curves] if curves else [])
-
-
-def run(
-    command: str = "compare",
-    preset: str | None = None,
-    out: str | Path | None = None,
-    *,
-    overrides: dict | None = None,
-    overwrite: bool = False,
-    resume: bool = False,
-    progress: bool = True,
-    from_dir: str | Path | None = None,
-    device: str = "auto",
-    seeds: list[int] | None = None,
-) -> dict:
-    """Any command of the command line from Python. ``overrides`` maps dotted keys to values::
-
-        run("compare", "keras-example", "runs/demo",
-            overrides={"data.dataset": "digits", "ce.epochs": 5, "pretrain.epochs": 5, "linear.epochs": 5})
-        run("eval", from_dir="runs/demo")
-
-    The config starts from ``preset`` (default keras-example), or for ``linear`` from the config of
-    the ``from_dir`` run, or on ``resume`` from the saved one. Returns the results dict (also
-    written to ``<out>/results.json``); ``eval`` returns :func:`evaluate`'s dict. ``seeds=[0, 1, 2]``
-    repeats the command in ``<out>/seed-N`` and aggregates (:mod:`supcon.repeats`). Process-wide CPU
-    settings (:func:`supcon.runtime.tune_cpu`) apply only with ``overrides={"tune_cpu": True}``.
-    """
-    if command not in COMMANDS:
-        raise UsageError(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)}")
-    spec = COMMANDS[command]
-    from_dir = Path(from_dir) if from_dir is not None else None
-    if spec.needs_from and from_dir is None:
-        raise UsageError(f"{command} needs from_dir (a finished run folder)")
-    if not spec.trains:
-        return evaluate(from_dir, device)
-    run_dir = Path(out) if out is not None else default_run_dir(command)
-    if seeds is not None:
-        from supcon.repeats import fresh_seed_preset, run_seeds, seed_source
-
-        def one(seed: int, folder: Path, again: bool) -> dict:
-            kw = {"overrides": {**(overrides or {}), "seed": seed}, "overwrite": overwrite, "resume": again}
-            base = fresh_seed_preset(command, run_dir, preset) if resume and not again else preset
-            src = seed_source(from_dir, seed)
-            return run(command, base, folder, **kw, progress=progress, from_dir=src, device=device)
-
-        return run_seeds(command, seeds, run_dir, one, resume=resume)
-    cfg = base_config(command, preset, run_dir if resume else None, from_dir)
-    set_values(cfg, overrides or {})
-    if cfg.tune_cpu is None:
-        cfg.tune_cpu = False
-    handle = open_run(cfg, run_dir, overwrite=overwrite, resume=resume, progress=progress)
-    try:
-        with handle.stop:
-            return run_command(handle, command, from_dir)
-    finally:
-        handle.close()
-
-
-def base_config(command: str, preset: str | None, resume_dir: Path | None, from_dir: Path | None) -> Config:
-    """Where a command's config starts: the saved one on resume (or ``preset``, which must then give
-    the same config), a ``linear`` run's ``from_dir``, else ``preset`` (default keras-example)."""
-    if from_dir is not None and command == "linear":
-        if preset is not None:
-            raise UsageError("--preset cannot be combined with --from: the config comes from that run")
-        if resume_dir is None:
-            return read_config(from_dir)
-    if resume_dir is not None and preset is None:
-        return read_config(resume_dir)
-    return load_preset(preset or "keras-example")
-
-
-__all__ = [
-    "COMMANDS",
-    "compare",
-    "evaluate",
-    "evaluate_run",
-    "finish",
-    "linear_only",
-    "pretrain_only",
-    "run",
-    "run_command",
-    "train_ce_only",
-]

@@ -1,0 +1,103 @@
+"""Atomic file writes: a temporary file in the same folder, renamed into place.
+
+A crash or Ctrl-C mid-write never leaves a truncated checkpoint, weight file or cache behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from supcon.core.errors import UsageError
+
+
+def umask_mode(mode: int) -> int:
+    """``mode`` less the process umask: what a plain ``open``/``mkdir`` would have given.
+
+    tempfile makes private (0600/0700) files and folders; renamed into place as they are, other
+    users could not read them.
+    """
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file to ``path``; on any failure, remove it.
+
+    The file at ``path`` is replaced only by a complete new one. An ``OSError`` (disk full, read-only
+    file system, no permission, a parent that is a file, a name too long) becomes one ``UsageError``
+    line naming ``path`` and the reason.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The writer's pid in the name: remove_stale_temps can tell a dead writer's leftover.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        os.close(fd)
+        write(tmp)
+        os.chmod(tmp, umask_mode(0o666))
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise UsageError(f"cannot write {path}: {_reason(path, e)}") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def default_root() -> Path:
+    """The cache folder (downloads, decoded images, compiled kernels): ``$SUPCON_DATA`` if set, else
+    ``~/.cache/supcon``."""
+    env = os.environ.get("SUPCON_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "supcon"
+
+
+def _remove(tmp: str | None) -> None:
+    if tmp is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _reason(path: Path, e: OSError) -> str:
+    # mkdir on an existing non-folder says "File exists", which hides the actual problem.
+    for parent in (path.parent, *path.parent.parents):
+        with contextlib.suppress(OSError):
+            if parent.exists() and not parent.is_dir():
+                return f"{parent} is not a folder"
+            if parent.exists():
+                break
+    return e.strerror or str(e) or type(e).__name__
+
+
+def remove_stale_temps(folder: Path, name: str = "*", *, all_dead: bool = False) -> list[Path]:
+    """Remove ``atomic_write``'s temporary files for ``name`` (a glob) in ``folder`` whose writer is gone.
+
+    A kill during a write leaves ``.<name>.<pid>.<random>.tmp`` behind. Files whose pid is no live
+    process are removed; with ``all_dead`` (the caller holds the folder's run lock, so no one else
+    writes there) every such file is, including those of older versions, which had no pid.
+    Returns the removed paths.
+    """
+    removed = []
+    for tmp in Path(folder).glob(f".{name}.*.tmp"):
+        fields = tmp.name[: -len(".tmp")].rsplit(".", 2)
+        pid = int(fields[1]) if len(fields) == 3 and fields[1].isdigit() else None
+        if all_dead or (pid is not None and pid != os.getpid() and not _alive(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's live process
+        return True
+    return True

@@ -1,0 +1,50 @@
+"""Stopping cleanly: SIGINT/SIGTERM become a flag that the training loop checks between steps."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from pathlib import Path
+
+import torch
+
+from supcon.core import dist
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM (or ``--stop-after``) after saving a checkpoint."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(str(checkpoint))
+        self.checkpoint = checkpoint
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step, so the step in flight finishes
+    and a checkpoint is written. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict[int, object] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+        return False
+
+    def requested_anywhere(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """How many ranks were asked to stop, summed on ``device`` (the one the process group's
+        backend serves). A collective: every rank must call it at the same point."""
+        return dist.all_reduce_sum(torch.tensor(float(self.requested), device=device))

@@ -1,0 +1,242 @@
+"""What a dataset of image files is: every file with its class and split, from one of three layouts.
+
+- ``PATH/train/<class>/*`` and ``PATH/test/<class>/*``: the splits as given.
+- ``PATH/<class>/*``: split into train and test by a seeded stratified split (``test_fraction``).
+- ``FILE.csv`` with a header ``path,label[,split]``: paths relative to the CSV file; a split of
+  ``train`` or ``test`` per row (an empty one trains), or, when no row gives one, the same
+  stratified split.
+- ``FILE.csv`` with a header ``path,labels[,split]``: multi-label, ``labels`` the ``;``-separated
+  class names of the image (``dog;grass``). The labels are multi-hot ``[N, C]`` over the sorted union
+  of the names. Without a split a seeded random one (a stratified split is not defined when an
+  image is in several classes), after which any test image carrying a class that no training image
+  has moves to training; with given splits such a class is refused.
+
+Label ``i`` is ``classes[i]``, the sorted class names. Each file carries its size and modification
+time, which key the decode caches: an added, removed or rewritten image means a fresh decode.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from supcon.core.errors import UsageError
+from supcon.data.files import (
+    IMAGE_EXTENSIONS,
+    ImageFile,
+    check_root,
+    class_folders,
+    class_labels,
+    flatten,
+    list_class,
+    subfolders,
+)
+
+# The split of data given without one does not depend on the run's seed: runs that differ only by
+# seed are tested on the same images.
+SPLIT_SEED = 0
+_SHOW = 5  # names listed in an error about many files
+
+
+@dataclass
+class Manifest:
+    root: Path  # the folder, or the CSV file
+    classes: list[str]
+    train: list[ImageFile]
+    train_y: np.ndarray  # int64 [N_train], or float32 multi-hot [N_train, C] (a labels column)
+    test: list[ImageFile]
+    test_y: np.ndarray
+
+    def files(self) -> list[ImageFile]:
+        return self.train + self.test
+
+    @property
+    def multilabel(self) -> bool:
+        return self.train_y.ndim == 2
+
+
+def read_manifest(path: str | os.PathLike[str], test_fraction: float = 0.2) -> Manifest:
+    """The manifest of a data folder or CSV file (see the module docstring for the layouts)."""
+    root = check_root(path)
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise UsageError(
+                f"data path {root} is a file but not a .csv manifest "
+                "(path,label[,split] or path,labels[,split])"
+            )
+        return _from_csv(root, test_fraction)
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        classes = class_folders(root)
+        train = [list_class(root, "train", c) for c in classes]
+        test = [list_class(root, "test", c) for c in classes]
+        return Manifest(root, classes, flatten(train), class_labels(train), flatten(test), class_labels(test))
+    classes = subfolders(root)
+    if len(classes) < 2:
+        raise UsageError(
+            f"data folder {root} needs 2 or more class folders ({root}/<class>/<image>), "
+            f"or {root}/train/<class>/ and {root}/test/<class>/; found {len(classes)}"
+        )
+    per_class = [[(p, rel.lstrip("/"), n, t) for p, rel, n, t in list_class(root, "", c)] for c in classes]
+    files, labels = flatten(per_class), class_labels(per_class)
+    return _split(root, classes, files, labels, [None] * len(files), test_fraction)
+
+
+def _split(root, classes, files, labels, given, test_fraction: float) -> Manifest:
+    """Files with a given split keep it (and then files without one train); with no split given at
+    all, each class sends ``test_fraction`` of its files (at least one) to test."""
+    labels = np.asarray(labels, dtype=np.int64)
+    is_test = np.array([g == "test" for g in given], dtype=bool)
+    free = np.array([g is None for g in given], dtype=bool)
+    if not free.all():
+        free[:] = False
+    rng = np.random.default_rng(SPLIT_SEED)
+    for c in range(len(classes)):
+        idx = np.flatnonzero(free & (labels == c))
+        if len(idx) < 2:
+            continue  # a single image trains
+        n_test = min(len(idx) - 1, max(1, round(len(idx) * test_fraction)))
+        is_test[rng.permutation(idx)[:n_test]] = True
+    train_i, test_i = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    if not len(test_i):
+        raise UsageError(f"{root}: no test images (every class has a single image, or all rows say train)")
+    return Manifest(
+        root,
+        classes,
+        [files[i] for i in train_i],
+        labels[train_i],
+        [files[i] for i in test_i],
+        labels[test_i],
+    )
+
+
+def _from_csv(csv_path: Path, test_fraction: float) -> Manifest:
+    rows, multi = _csv_rows(csv_path)
+    if multi:
+        return _from_multilabel_csv(csv_path, rows, test_fraction)
+    classes = sorted({label for _, label, _, _ in rows})
+    if len(classes) < 2:
+        raise UsageError(f"{csv_path}: needs 2 or more distinct labels, found {len(classes)}")
+    ids = {c: i for i, c in enumerate(classes)}
+    files = _stat_files(csv_path, rows)
+    labels = [ids[label] for _, label, _, _ in rows]
+    return _split(csv_path, classes, files, labels, [split for _, _, split, _ in rows], test_fraction)
+
+
+def _stat_files(csv_path: Path, rows) -> list[ImageFile]:
+    """The listed files (absolute path, relative path, size, mtime); missing ones refused together."""
+    base = csv_path.parent
+    files, missing = [], []
+    for rel, _, _, line in rows:
+        full = base / rel
+        try:
+            st = os.stat(full)
+        except OSError:
+            missing.append(f"{rel} (line {line})")
+            continue
+        files.append((str(full), rel, st.st_size, st.st_mtime_ns))
+    if missing:
+        more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
+        raise UsageError(
+            f"{csv_path}: {len(missing)} listed image(s) do not exist: {', '.join(missing[:_SHOW])}{more}"
+        )
+    return files
+
+
+def _from_multilabel_csv(csv_path: Path, rows, test_fraction: float) -> Manifest:
+    """A ``path,labels[,split]`` manifest: multi-hot labels over the sorted union of the names."""
+    sets = [_label_set(csv_path, line, raw) for _, raw, _, line in rows]
+    classes = sorted(set().union(*sets))
+    if len(classes) < 2:
+        raise UsageError(f"{csv_path}: needs 2 or more distinct labels, found {len(classes)}")
+    ids = {c: i for i, c in enumerate(classes)}
+    hot = np.zeros((len(rows), len(classes)), np.float32)
+    for n, names in enumerate(sets):
+        hot[n, [ids[c] for c in names]] = 1.0
+    files = _stat_files(csv_path, rows)
+    given = [split for _, _, split, _ in rows]
+    if all(g is None for g in given):
+        is_test = _random_test_rows(hot, test_fraction)
+    else:
+        is_test = np.array([g == "test" for g in given], dtype=bool)
+        unseen = hot[is_test].any(0) & ~hot[~is_test].any(0)
+        if unseen.any():
+            c = int(np.flatnonzero(unseen)[0])
+            line = rows[int(np.flatnonzero(is_test & (hot[:, c] > 0))[0])][3]
+            raise UsageError(
+                f"{csv_path}, line {line}: label {classes[c]!r} of a test image has no training image"
+            )
+    train_i, test_i = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    if not len(test_i):
+        raise UsageError(f"{csv_path}: no test images (all rows say train, or too few rows to split)")
+    return Manifest(
+        csv_path, classes, [files[i] for i in train_i], hot[train_i], [files[i] for i in test_i], hot[test_i]
+    )
+
+
+def _label_set(csv_path: Path, line: int, raw: str) -> set[str]:
+    names = {name.strip() for name in raw.split(";")} - {""}
+    if not names:
+        raise UsageError(f"{csv_path}, line {line}: no labels (labels is a ;-separated list of class names)")
+    return names
+
+
+def _random_test_rows(hot: np.ndarray, test_fraction: float) -> np.ndarray:
+    """Test rows of a seeded random split (``test_fraction`` of the rows, at least one if there are
+    two); then each test row with a class no training row has moves to training, so every class the
+    classifier is tested on was trained."""
+    n = len(hot)
+    n_test = min(n - 1, max(1, round(n * test_fraction)))
+    is_test = np.zeros(n, dtype=bool)
+    is_test[np.random.default_rng(SPLIT_SEED).permutation(n)[:n_test]] = True
+    trained = hot[~is_test].sum(0)
+    for i in np.flatnonzero(is_test):
+        if ((hot[i] > 0) & (trained == 0)).any():
+            is_test[i] = False
+            trained += hot[i]
+    return is_test
+
+
+def _csv_rows(csv_path: Path) -> tuple[list[tuple[str, str, str | None, int]], bool]:
+    """The rows (path, label or labels text, split, line) and whether the manifest is multi-label."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in reader.fieldnames or []]
+            if "label" in header and "labels" in header:
+                raise UsageError(f"{csv_path}: has both a label and a labels column; keep one")
+            column = "labels" if "labels" in header else "label"
+            lacking = [c for c in ("path", column) if c not in header]
+            if lacking:
+                raise UsageError(
+                    f"{csv_path}: missing column(s) {', '.join(lacking)}; the header must be "
+                    f"path,label[,split] or path,labels[,split] (found: {','.join(header) or 'nothing'})"
+                )
+            rows = []
+            for line, raw in enumerate(reader, start=2):
+                row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+                rows.append(_csv_row(csv_path, line, row, column))
+    except OSError as e:
+        raise UsageError(f"cannot read {csv_path}: {e.strerror or e}") from None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise UsageError(f"{csv_path}: not a readable CSV file ({e})") from None
+    if not rows:
+        raise UsageError(f"{csv_path}: no rows under the header")
+    return rows, column == "labels"
+
+
+def _csv_row(csv_path: Path, line: int, row: dict, column: str = "label") -> tuple[str, str, str | None, int]:
+    rel, label, split = row.get("path", ""), row.get(column, ""), row.get("split") or None
+    if not rel or not label:
+        what = "path" if not rel else "labels (no labels)" if column == "labels" else "label"
+        raise UsageError(f"{csv_path}, line {line}: empty {what}")
+    if not rel.lower().endswith(IMAGE_EXTENSIONS):
+        raise UsageError(
+            f"{csv_path}, line {line}: {rel} is not an image file ({' '.join(IMAGE_EXTENSIONS)})"
+        )
+    if split not in (None, "train", "test"):
+        raise UsageError(f"{csv_path}, line {line}: split must be train or test (or empty), got {split!r}")
+    return rel, label, split, line
