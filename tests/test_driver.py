@@ -35,7 +35,10 @@ def test_for_seed_gets_its_folder_seed_and_source(tmp_path):
     req = Request("linear", out=tmp_path / "out", from_dir=tmp_path / "pre", seeds=[1, 2], resume=True)
     one = for_seed(req, 2)
     assert (one.out, one.seed, one.seeds, one.from_dir) == (
-        tmp_path / "out" / "seed-2", 2, None, tmp_path / "pre" / "seed-2"
+        tmp_path / "out" / "seed-2",
+        2,
+        None,
+        tmp_path / "pre" / "seed-2",
     )
     assert one.resume is False  # its folder holds no run yet
     assert req.out == tmp_path / "out"  # the request itself is unchanged
