@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the project root
 KERAS_SCRIPT = ROOT.parent / "shared" / "bench" / "seed_keras.py"
 
 

@@ -8,7 +8,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+# A dataset as loaders read it, before it becomes an ImageDataset: uint8 images [N, H, W, C] and
+# labels of the training and the test set, and the class names.
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,7 @@ import numpy as np
 from supcon.core.errors import UsageError
 from supcon.core.files import default_root, umask_mode
 from supcon.data.archives import extract, member_name, open_tar, safe_members
-
-RawSplit = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]
+from supcon.data.dataset import Arrays
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60
@@ -97,7 +96,7 @@ def load_cifar(
     url: str | None = None,
     md5: str | None = None,
     progress: bool = True,
-) -> RawSplit:
+) -> Arrays:
     """Load CIFAR-10 or CIFAR-100 (fine labels) as uint8 NHWC arrays.
 
     ``url``/``md5`` replace the official ones (a mirror, a test server; ``file://`` works too).
@@ -117,7 +116,7 @@ def load_cifar(
 # --------------------------------------------------------------------------- user-supplied copy
 
 
-def _load_user_copy(spec: CifarSpec, path: Path, md5: str | None) -> RawSplit:
+def _load_user_copy(spec: CifarSpec, path: Path, md5: str | None) -> Arrays:
     if not path.exists():
         raise UsageError(f"{spec.name} data path {path} does not exist")
     if path.is_file():
@@ -194,7 +193,7 @@ def _read_archive(spec: CifarSpec, archive: Path) -> dict[str, tuple[Any, str]]:
 # --------------------------------------------------------------------------- cache + download
 
 
-def _load_cached(spec: CifarSpec, root: Path, url: str | None, md5: str | None, progress: bool) -> RawSplit:
+def _load_cached(spec: CifarSpec, root: Path, url: str | None, md5: str | None, progress: bool) -> Arrays:
     url = url or spec.url
     md5 = md5 or spec.md5
     archive_name = PurePosixPath(urllib.parse.urlparse(url).path).name or f"{spec.folder}.tar.gz"
@@ -392,7 +391,7 @@ def _batch(d: Any, label: str, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]
     return x, labels
 
 
-def _parse(spec: CifarSpec, files: dict[str, tuple[Any, str]]) -> RawSplit:
+def _parse(spec: CifarSpec, files: dict[str, tuple[Any, str]]) -> Arrays:
     train = [_batch(*files[f], spec) for f in spec.train]
     x_train = np.concatenate([x for x, _ in train])
     y_train = np.concatenate([y for _, y in train])

@@ -24,6 +24,7 @@ import numpy as np
 
 from supcon.core.errors import UsageError
 from supcon.core.files import atomic_write, default_root
+from supcon.data.dataset import Arrays
 from supcon.data.files import (
     ImageFile,
     first_line,
@@ -32,9 +33,6 @@ from supcon.data.files import (
     to_rgb,
     worker_count,
 )
-
-RawSplit = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]
-
 
 # Bump when the decoded pixels would differ for the same files (resize method, mode handling, ...),
 # so that caches written by an older version are not reused.
@@ -55,7 +53,7 @@ def decode_files(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     workers: int | None = None,
-) -> RawSplit:
+) -> Arrays:
     """Decode listed files (a :class:`supcon.data.manifest.Manifest`'s) into uint8 arrays, from the
     decode cache when nothing changed since the last read: ``(x_train, y_train, x_test, y_test,
     classes)``.
@@ -108,7 +106,7 @@ def _cache_file(
     return base / "imagefolder" / f"{folder_hash}-{key}.npz"
 
 
-def _read_cache(file: Path, classes: list[str]) -> RawSplit | None:
+def _read_cache(file: Path, classes: list[str]) -> Arrays | None:
     try:
         # Our own handle: np.load leaks the one it opens when the file is not a valid archive.
         with open(file, "rb") as fh, np.load(fh, allow_pickle=False) as z:
@@ -133,7 +131,7 @@ def _read_cache(file: Path, classes: list[str]) -> RawSplit | None:
     return x_train, y_train.astype(np.int64, copy=False), x_test, y_test.astype(np.int64, copy=False), classes
 
 
-def _write_cache(file: Path, data_root: Path, split: RawSplit) -> None:
+def _write_cache(file: Path, data_root: Path, split: Arrays) -> None:
     """Best effort: a cache that can't be written costs the next run time, not this run its data."""
     folder = file.parent
     with contextlib.suppress(OSError):
