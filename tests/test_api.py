@@ -35,7 +35,7 @@ def test_every_command_is_callable_from_python_and_the_api_leaves_the_process_al
     import torch
 
     from supcon.cli import TOOLS, build_parser
-    from supcon.experiments import COMMANDS
+    from supcon.commands import COMMANDS
 
     # The command line's subcommands are exactly the API's commands and the tools that use a run.
     sub = next(a for a in build_parser()._actions if a.dest == "command")

@@ -8,7 +8,7 @@ The public API, each name imported on first use so that ``import supcon`` stays 
   (:func:`supcon.serve.inference.load`);
 - :class:`UsageError`: what bad input raises (:mod:`supcon.core.errors`).
 
-The package's layers, top to bottom: ``cli``, ``driver``, ``experiments``, ``serve``, ``runs``,
+The package's layers, top to bottom: ``cli``, ``driver``, ``commands``, ``experiments``, ``serve``, ``runs``,
 ``train``, ``evaluation``, ``models`` and ``losses``, ``data``, ``core`` (docs/architecture.md).
 """
 

@@ -4,9 +4,10 @@
 Configuration is layered: a preset (``--preset NAME|FILE``, default ``keras-example``), then the
 explicit flags, then ``--set section.key=value`` for any other field. Every flag is a row of
 :data:`FLAGS` naming the config key it sets, and goes through the same path as ``--set``. The
-commands come from :data:`supcon.experiments.COMMANDS`, the table the Python API uses too; the
-tools that use a finished run (``embed``, ``export``) from :data:`TOOLS`. Bad input ends with one line
-on stderr and exit code 2.
+commands and the tools that use a finished run (``embed``, ``export``) come from
+:mod:`supcon.commands`, the table the Python API uses too; nothing heavy (torch) is imported until
+the arguments are parsed, so ``--help`` and a wrong argument answer at once. Bad input ends with one
+line on stderr and exit code 2.
 
 From here a command flows: :func:`run` -> :func:`supcon.driver.execute` -> ``experiments.compare``
 (or one phase) -> ``train.phases.pretrain`` -> ``train.loop.fit`` -> the phase's step ->
@@ -22,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from supcon.core import dist
+from supcon.commands import COMMANDS, TOOLS
 from supcon.core.config import Method, Precision, choices, preset_names
 from supcon.core.errors import UsageError
+from supcon.serve.options import EMBED_SPACES, EXPORT_FORMATS, EXPORT_SPACES, PROJECTOR_COUNT, SPLITS
 
 if TYPE_CHECKING:
     from supcon.driver import Request
@@ -156,18 +158,44 @@ FLAGS: tuple[Flag, ...] = (
 )
 
 
-# Commands that read a finished run folder (--from DIR) and write files: no config, no run folder of
-# their own. Each module has ``add_arguments(parser)`` and ``main(args) -> exit code``.
-TOOLS: dict[str, tuple[str, str]] = {
-    "embed": (
-        "supcon.serve.embed",
-        "embeddings of a dataset under a run's encoder, to .npz or .parquet (--from DIR)",
-    ),
-    "export": (
-        "supcon.serve.export",
-        "a run's model as TorchScript, ONNX or safetensors, taking uint8 images (--from DIR)",
-    ),
-}
+def _embed_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="from_dir", type=Path, required=True, metavar="DIR",
+                   help="run folder of a finished run (its model.json and weights/)")  # fmt: skip
+    p.add_argument(
+        "--data", metavar="PATH", help="image folder or CIFAR copy to embed (default: the run's dataset)"
+    )
+    p.add_argument(
+        "--split", choices=SPLITS, default="test", help="which images (default test; all: train then test)"
+    )
+    p.add_argument("--space", choices=EMBED_SPACES, default="encoder",
+                   help="encoder features (default) or the projection head's output")  # fmt: skip
+    p.add_argument(
+        "--no-normalize", action="store_true", help="keep the raw vectors (default: L2-normalised)"
+    )
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="output file: .npz or .parquet")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--projector", type=Path, metavar="DIR",
+                   help="also write TensorBoard projector files (tensorboard --logdir DIR)")  # fmt: skip
+    p.add_argument("--projector-count", type=int, default=PROJECTOR_COUNT, metavar="N",
+                   help=f"projector images: the first N (default {PROJECTOR_COUNT})")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="from_dir", type=Path, required=True, metavar="DIR",
+                   help="run folder of a finished run (its model.json and weights/)")  # fmt: skip
+    p.add_argument("--format", required=True, choices=tuple(EXPORT_FORMATS),
+                   help="torchscript (.pt), onnx (.onnx) or safetensors (weights only)")  # fmt: skip
+    p.add_argument("--space", choices=EXPORT_SPACES, default="encoder",
+                   help="encoder embeddings (default), projection embeddings, classifier logits")  # fmt: skip
+    p.add_argument("--out", type=Path, metavar="FILE", help="output file (default DIR/export/<space>.<ext>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+# The arguments of the tools that use a finished run (supcon.commands.TOOLS).
+TOOL_ARGUMENTS = {"embed": _embed_arguments, "export": _export_arguments}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -227,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="supcon", description="Supervised contrastive learning of image classifiers.")
     parser.add_argument("--version", action="version", version=f"supcon {__import__('supcon').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
-    for name, spec in _commands().items():
+    for name, spec in COMMANDS.items():
         p = sub.add_parser(name, help=spec.help, description=spec.help)
         if spec.needs_from or spec.takes_from:
             p.add_argument(
@@ -242,14 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
             _add_flags(p, name)
         else:
             p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    for name, (module, text) in TOOLS.items():
-        importlib.import_module(module).add_arguments(sub.add_parser(name, help=text, description=text))
+    for name, (_, text) in TOOLS.items():
+        TOOL_ARGUMENTS[name](sub.add_parser(name, help=text, description=text))
     return parser
 
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The explicit flags as ``{config key: value}`` (what ``--set`` would apply)."""
-    phases = _commands()[args.command].phases
+    phases = COMMANDS[args.command].phases
     out: dict[str, Any] = {}
     for f in FLAGS:
         value = getattr(args, f.flag[2:].replace("-", "_"), None)
@@ -269,7 +297,7 @@ def request(args: argparse.Namespace) -> Request:
     --from run's for linear), then the explicit flags, then --set overrides."""
     from supcon.driver import Request
 
-    trains = _commands()[args.command].trains
+    trains = COMMANDS[args.command].trains
     return Request(
         args.command,
         preset=getattr(args, "preset", None),
@@ -288,21 +316,15 @@ def request(args: argparse.Namespace) -> Request:
     )
 
 
-def _commands():
-    """:data:`supcon.experiments.COMMANDS`, imported when first needed."""
-    from supcon.experiments import COMMANDS
-
-    return COMMANDS
-
-
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in TOOLS:
         return importlib.import_module(TOOLS[args.command][0]).main(args)
     from supcon import driver
+    from supcon.core import dist
 
     req = driver.check(request(args))
-    if not _commands()[req.command].trains:
+    if not COMMANDS[req.command].trains:
         from supcon.evaluation.report import evaluation_text
 
         print(evaluation_text(driver.execute(req)))
@@ -322,6 +344,7 @@ def run(argv: list[str] | None = None) -> int:
 
 def _train(req: Request) -> None:
     from supcon import driver
+    from supcon.core import dist
     from supcon.core.stop import Interrupted
     from supcon.runs.seeds import summary_table
 
@@ -339,6 +362,7 @@ def _train(req: Request) -> None:
 
 
 def _print_result(req: Request, results: dict) -> None:
+    from supcon.core import dist
     from supcon.evaluation.report import table
 
     if dist.is_main():

@@ -3,7 +3,7 @@
 A :class:`Request` says what to run: the command, where its config comes from (a preset, the saved
 config on resume, the ``--from`` run's for ``linear``), the overrides, the run folder and how to
 drive it. :func:`execute` resolves the config, repeats over seeds when asked, opens the run folder
-and dispatches through :data:`supcon.experiments.COMMANDS`. ``supcon`` (:mod:`supcon.cli`) builds a
+and dispatches through :data:`supcon.commands.COMMANDS`. ``supcon`` (:mod:`supcon.cli`) builds a
 request from its arguments, :func:`run` from its keywords: the two paths are one.
 """
 
@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from supcon.commands import COMMANDS
 from supcon.core.config import Config, load_preset, set_value, set_values
 from supcon.core.errors import UsageError
-from supcon.experiments import COMMANDS, evaluate_folder, report_failure
+from supcon.experiments import evaluate_folder, report_failure
 from supcon.runs.folder import default_run_dir, read_config
 from supcon.runs.open import open_run
 from supcon.runs.seeds import fresh_seed_preset, run_seeds, seed_dir, seed_source
@@ -118,7 +119,7 @@ def _execute_one(req: Request, cfg: Config) -> dict:
     )  # fmt: skip
     try:
         with handle.stop:
-            results = COMMANDS[req.command].run(handle, req.from_dir)
+            results = COMMANDS[req.command].function()(handle, req.from_dir)
     except Diverged as e:
         report_failure(handle, req.command, str(e))
         raise

@@ -1,6 +1,7 @@
-"""The commands as library calls, in one table (:data:`COMMANDS`) that :mod:`supcon.driver` runs
-for the command line and :func:`supcon.run`: ``compare`` (the Keras example's two experiments), the
-single phases, ``eval``.
+"""The commands as library calls, named by the command table (:mod:`supcon.commands`) that
+:mod:`supcon.driver` runs for the command line and :func:`supcon.run`: ``compare`` (the Keras
+example's two experiments), the single phases, ``eval``. Each takes the opened run and ``--from``
+(used by ``linear`` alone: the others offer no ``--from``).
 
 Each training command writes a run folder (see :mod:`supcon.runs.folder`); :func:`finish` adds
 ``results.json``, ``report.md`` and the plots.
@@ -10,14 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from supcon.core import dist
 from supcon.core.checkpoint import save_weights
-from supcon.core.config import PHASES, Config
+from supcon.core.config import Config
 from supcon.core.errors import UsageError
 from supcon.core.runlog import read_metrics
 from supcon.core.runtime import resolve_runtime
@@ -199,7 +199,7 @@ def _joint_rows(run: Run, data: ImageDataset) -> list[dict]:
     ]
 
 
-def compare(run: Run) -> dict:
+def compare(run: Run, from_dir: Path | None = None) -> dict:
     """The Keras example's two experiments: cross-entropy vs contrastive pre-training + classifier."""
     data, split = _load(run)
     if dist.is_main():
@@ -220,7 +220,7 @@ def compare(run: Run) -> dict:
     return finish(run, data, title, rows, encoders, preds)
 
 
-def train_ce_only(run: Run) -> dict:
+def train_ce_only(run: Run, from_dir: Path | None = None) -> dict:
     data, split = _load(run)
     ce = _phase(run, data, "ce", lambda: train_ce(run, data, split))
     preds = {"ce": ("cross-entropy", _predict(run, data, ce))}
@@ -229,7 +229,7 @@ def train_ce_only(run: Run) -> dict:
     return finish(run, data, title, rows, {"cross-entropy encoder": ce.encoder}, preds)
 
 
-def pretrain_only(run: Run) -> dict:
+def pretrain_only(run: Run, from_dir: Path | None = None) -> dict:
     data, split = _load(run)
     cfg = run.cfg
     pre = _phase(run, data, "pretrain", lambda: pretrain(run, data, split))
@@ -320,49 +320,6 @@ def _test_row(name: str, model, data: ImageDataset, rt) -> dict:
         logits = predict_logits(model, data.test_x, rt, data.norm)
         return {"experiment": name, **multilabel.metrics(logits, data.test_y, data.classes)}
     return {"experiment": name, "test_acc": accuracy(predict(model, data.test_x, rt, data.norm), data.test_y)}
-
-
-@dataclass(frozen=True)
-class Command:
-    help: str
-    phases: tuple[str, ...]  # the phases its --epochs/--batch-size/--lr apply to
-    run: Callable[[Run, Path | None], dict] | None  # (opened run, --from) -> results; None: eval
-    trains: bool = True  # opens a run folder (False: reads one, --from)
-    needs_from: bool = False  # --from DIR: a run folder to start from
-    takes_from: bool = False  # --from DIR, optional
-
-
-COMMANDS: dict[str, Command] = {
-    "compare": Command(
-        "the Keras example's two experiments: cross-entropy vs contrastive pre-training + classifier",
-        PHASES,
-        lambda run, _: compare(run),
-    ),
-    "train-ce": Command(
-        "experiment 1 alone: encoder + classifier trained with cross-entropy",
-        ("ce",),
-        lambda run, _: train_ce_only(run),
-    ),
-    "pretrain": Command(
-        "contrastive pre-training of the encoder (SupCon, or SimCLR with --method simclr)",
-        ("pretrain",),
-        lambda run, _: pretrain_only(run),
-    ),
-    "linear": Command(
-        "classifier on the encoder of a pre-training run (--from DIR) or of a weights file (--pretrained "
-        "FILE): frozen, or --finetune",
-        ("linear",),
-        linear_only,
-        takes_from=True,
-    ),
-    "eval": Command(
-        "test accuracy (and kNN) of the models in a run folder, retrieval of its encoders (--from DIR)",
-        (),
-        None,
-        trains=False,
-        needs_from=True,
-    ),
-}
 
 
 def report_failure(run: Run, command: str, message: str) -> None:

@@ -281,9 +281,9 @@ def test_pretraining_reads_prefetched_crops_from_the_store_reproducibly(tmp_path
 
 
 def test_a_run_on_the_store_stopped_mid_epoch_resumes_bit_identically(tmp_path, monkeypatch):
+    from supcon.commands import COMMANDS
     from supcon.core.config import load_preset, set_values
     from supcon.data.imageset import StoredImages as SI
-    from supcon.experiments import COMMANDS
     from supcon.runs.open import open_run
 
     monkeypatch.setenv("SUPCON_DATA", str(tmp_path / "cache"))
@@ -302,7 +302,7 @@ def test_a_run_on_the_store_stopped_mid_epoch_resumes_bit_identically(tmp_path, 
         run = open_run(config(), out, resume=resume, progress=False)
         try:
             with run.stop:
-                return COMMANDS["train-ce"].run(run, None)
+                return COMMANDS["train-ce"].function()(run, None)
         finally:
             run.close()
 
@@ -322,7 +322,7 @@ def test_a_run_on_the_store_stopped_mid_epoch_resumes_bit_identically(tmp_path, 
     run = open_run(config(), tmp_path / "b", progress=False)
     run.stop = stop
     with pytest.raises(Interrupted) as e:
-        COMMANDS["train-ce"].run(run, None)
+        COMMANDS["train-ce"].function()(run, None)
     run.close()
     assert re.search(r"ce-e\d{4}\.\d{6}\.pt$", str(e.value.args[0]))  # a checkpoint inside an epoch
     monkeypatch.setattr(SI, "random_crops", real)

@@ -97,7 +97,7 @@ def test_encoder_gradients_match_pytorch_ops(monkeypatch):
         return [p.grad.clone() for p in enc.parameters()]
 
     fused = grads()
-    monkeypatch.setattr(encoders, "max_pool2_relu", reference)
+    monkeypatch.setattr(encoders, "winograd_conv3x3_pool2_relu", lambda x, conv: reference(conv(x)))
     monkeypatch.setattr(encoders, "conv3x3_pool2_relu", lambda x, conv: reference(conv(x)))
     plain = grads()
     assert all(_rel(a, b) < 1e-5 for a, b in zip(fused, plain, strict=True))
@@ -235,3 +235,58 @@ def test_conv_kernel_leaves_other_cases_to_pytorch():
     assert not kernels._conv_fusable(x, torch.nn.Conv2d(3, 16, 3), False)  # 16 channels: not a multiple of 32
     with torch.autocast("cpu", dtype=torch.float16):
         assert not kernels._conv_fusable(x, conv, kernels._bf16_autocast())
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "n, cin, h, w, cout, x_grad",
+    [
+        (7, 32, 14, 14, 64, True),
+        (5, 32, 15, 13, 32, True),
+        (3, 64, 9, 10, 32, False),
+        (1, 32, 4, 4, 32, True),
+    ],
+)
+def test_winograd_conv_pool_relu_matches_pytorch_ops(n, cin, h, w, cout, x_grad):
+    # F(2x2, 3x3) adds and subtracts inputs before the products: equal to the direct convolution up
+    # to float32 rounding, forward and backward, odd sizes (the floor pooling's unread row) included.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, 3).to(memory_format=torch.channels_last)
+    x = torch.randn(n, cin, h, w).contiguous(memory_format=torch.channels_last).requires_grad_(x_grad)
+    y = kernels.winograd_conv3x3_pool2_relu(x, conv)
+    assert "Winograd" in type(y.grad_fn).__name__
+    want = reference(conv(x))
+    assert y.shape == want.shape and _rel(y, want) < 1e-5
+    g = torch.randn_like(y)
+    wrt = (x, conv.weight, conv.bias) if x_grad else (conv.weight, conv.bias)
+    got, ref = torch.autograd.grad(y, wrt, g), torch.autograd.grad(want, wrt, g)
+    assert all(_rel(a, b) < 1e-5 for a, b in zip(got, ref, strict=True))
+    if x_grad:  # the row and column the pooling never reads get no gradient
+        assert got[0][:, :, 2 * (h // 2 - 1) + 2 :].abs().sum() == 0
+
+
+@needs_kernel
+def test_winograd_pooling_keeps_pytorchs_ties_and_the_relu_boundary():
+    # Equal outputs within a window (a zero input gives the bias everywhere): the first position wins
+    # the gradient, as in PyTorch's max-pool; negative maxima give 0 and no gradient.
+    conv = torch.nn.Conv2d(32, 32, 3).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv.bias.copy_(torch.linspace(-1, 1, 32))
+    x = torch.zeros(2, 32, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = kernels.winograd_conv3x3_pool2_relu(x, conv)
+    want = reference(conv(x))
+    assert torch.equal(y, want)
+    gw = torch.autograd.grad(y, conv.bias, torch.ones_like(y))[0]
+    assert torch.equal(gw, torch.autograd.grad(want, conv.bias, torch.ones_like(y))[0])
+
+
+def test_winograd_is_left_to_pytorch_under_autocast_and_for_other_shapes():
+    conv = torch.nn.Conv2d(32, 64, 3).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.winograd_conv3x3_pool2_relu(x, conv)
+    assert "Winograd" not in type(y.grad_fn).__name__
+    odd = torch.nn.Conv2d(32, 20, 3)  # 20 output channels: not a multiple of a register block
+    y = kernels.winograd_conv3x3_pool2_relu(x, odd)
+    assert _rel(y, reference(odd(x))) == 0

@@ -9,13 +9,14 @@ from torch import nn
 from torch.nn import functional as F
 
 import supcon
+from supcon.commands import COMMANDS
 from supcon.core.config import Config, load_preset, set_values
 from supcon.core.errors import UsageError
 from supcon.core.runtime import resolve_runtime
 from supcon.core.stop import Interrupted, StopFlag
 from supcon.data.datasets import load_split
 from supcon.data.prefetch import TrainBatch
-from supcon.experiments import COMMANDS, JOINT_ROW, evaluate_folder
+from supcon.experiments import JOINT_ROW, evaluate_folder
 from supcon.losses.supcon import supcon_loss
 from supcon.models.build import ContrastiveModel, load_phase_model
 from supcon.runs.open import open_run
@@ -162,7 +163,7 @@ def test_stop_and_resume_with_queue_and_momentum_encoder_is_bit_identical(tmp_pa
         run = open_run(_config(overrides), out, resume=resume, progress=False)
         try:
             with run.stop:
-                return COMMANDS["pretrain"].run(run, None)
+                return COMMANDS["pretrain"].function()(run, None)
         finally:
             run.close()
 
@@ -180,7 +181,7 @@ def test_stop_and_resume_with_queue_and_momentum_encoder_is_bit_identical(tmp_pa
     run = open_run(_config(overrides), tmp_path / "b", progress=False)
     run.stop = stop
     with pytest.raises(Interrupted) as e:
-        COMMANDS["pretrain"].run(run, None)
+        COMMANDS["pretrain"].function()(run, None)
     run.close()
     assert re.search(r"pretrain-e0000\.000005\.pt$", str(e.value.args[0]))
     monkeypatch.setattr(steps, "supcon_loss", real)

@@ -7,7 +7,7 @@ from torch import nn
 
 from supcon.core.errors import UsageError
 from supcon.core.registry import register_encoder
-from supcon.models.kernels import conv3x3_pool2_relu, max_pool2_relu
+from supcon.models.kernels import conv3x3_pool2_relu, winograd_conv3x3_pool2_relu
 
 
 def keras_init_(module: nn.Module) -> nn.Module:
@@ -48,10 +48,11 @@ class KerasCNN(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # max-pool then ReLU equals ReLU then max-pool (ReLU is monotone) and touches 4x fewer
         # elements. On the CPU both are fused kernels; the first also keeps conv1's output (the
-        # largest activation) out of memory.
+        # largest activation) out of memory; the second (in float32) computes conv2 with Winograd's
+        # F(2x2, 3x3), each 2x2 output block a pooling window.
         x = x[:, :, : self._crop, : self._crop]
         x = conv3x3_pool2_relu(x, self.conv1)
-        x = max_pool2_relu(self.conv2(x))
+        x = winograd_conv3x3_pool2_relu(x, self.conv2)
         # Flatten in NHWC order, as Keras does: free for channels_last tensors (no copy).
         return self.fc(x.permute(0, 2, 3, 1).flatten(1))
 

@@ -27,10 +27,8 @@ from supcon.core.files import atomic_write
 from supcon.data.dataset import ImageDataset
 from supcon.data.datasets import load_dataset
 from supcon.serve.inference import TrainedModel, load
+from supcon.serve.options import EMBED_FORMATS, PROJECTOR_COUNT, SPLITS
 
-FORMATS = (".npz", ".parquet")
-SPLITS = ("train", "test", "all")
-PROJECTOR_COUNT = 5000
 _ROW_GROUP = 8192  # parquet rows per row group
 _SPRITE_MAX = 8192  # TensorBoard's largest sprite side, in pixels
 _THUMB_MAX = 64
@@ -50,7 +48,7 @@ class EmbedRows:
 def check_output(out: Path, overwrite: bool) -> str:
     """The format of ``out`` by its extension; refuses an existing file without ``overwrite``."""
     fmt = out.suffix.lower()
-    if fmt not in FORMATS:
+    if fmt not in EMBED_FORMATS:
         raise UsageError(f"unknown output format {out.name!r}: name the file .npz (numpy) or .parquet")
     if fmt == ".parquet" and importlib.util.find_spec("pyarrow") is None:
         raise UsageError("writing .parquet needs pyarrow: pip install 'supcon[parquet]' (or write .npz)")
@@ -294,31 +292,6 @@ def embed_run(
         "normalized": normalize,
         "projector": shown,
     }
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="from_dir", type=Path, required=True, metavar="DIR",
-                   help="run folder of a finished run (its model.json and weights/)")  # fmt: skip
-    p.add_argument(
-        "--data", metavar="PATH", help="image folder or CIFAR copy to embed (default: the run's dataset)"
-    )
-    p.add_argument(
-        "--split", choices=SPLITS, default="test", help="which images (default test; all: train then test)"
-    )
-    p.add_argument("--space", choices=("encoder", "projection"), default="encoder",
-                   help="encoder features (default) or the projection head's output")  # fmt: skip
-    p.add_argument(
-        "--no-normalize", action="store_true", help="keep the raw vectors (default: L2-normalised)"
-    )
-    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="output file: .npz or .parquet")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--projector", type=Path, metavar="DIR",
-                   help="also write TensorBoard projector files (tensorboard --logdir DIR)")  # fmt: skip
-    p.add_argument("--projector-count", type=int, default=PROJECTOR_COUNT, metavar="N",
-                   help=f"projector images: the first N (default {PROJECTOR_COUNT})")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:

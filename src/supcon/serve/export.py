@@ -29,9 +29,7 @@ from supcon.core.errors import UsageError
 from supcon.core.files import atomic_write
 from supcon.data.dataset import Normalize
 from supcon.serve.inference import TrainedModel, load
-
-FORMATS = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors"}
-SPACES = ("encoder", "projection", "classifier")
+from supcon.serve.options import EXPORT_FORMATS, EXPORT_SPACES
 
 
 class Preprocessed(nn.Module):
@@ -159,14 +157,14 @@ def export_run(run_dir: str | Path, fmt: str, space: str = "encoder", out: str |
                overwrite: bool = False) -> Path:  # fmt: skip
     """Export the ``space`` network of a run folder as ``fmt`` (torchscript, onnx or safetensors) to
     ``out`` (default ``RUN/export/<space><ext>``) and its sidecar ``<out>.json``. Returns ``out``."""
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    if space not in SPACES:
-        raise UsageError(f"unknown space {space!r}; choose one of: {', '.join(SPACES)}")
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
+    if space not in EXPORT_SPACES:
+        raise UsageError(f"unknown space {space!r}; choose one of: {', '.join(EXPORT_SPACES)}")
     if fmt == "onnx" and any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxscript")):
         raise UsageError("ONNX export needs onnx and onnxscript: pip install 'supcon[onnx]'")
     run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / "export" / f"{space}{FORMATS[fmt]}"
+    out = Path(out) if out is not None else run_dir / "export" / f"{space}{EXPORT_FORMATS[fmt]}"
     check_output(out, overwrite)
     model = load(run_dir, device="cpu")
     module = wrapped(model, space)
@@ -192,17 +190,6 @@ def _safetensors(model: TrainedModel, net: nn.Module, space: str, out: Path) -> 
     from supcon.core.checkpoint import save_weights
 
     save_weights(net, out, {"space": space, "model_info": json.dumps(model.info)})
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="from_dir", type=Path, required=True, metavar="DIR",
-                   help="run folder of a finished run (its model.json and weights/)")  # fmt: skip
-    p.add_argument("--format", required=True, choices=tuple(FORMATS),
-                   help="torchscript (.pt), onnx (.onnx) or safetensors (weights only)")  # fmt: skip
-    p.add_argument("--space", choices=SPACES, default="encoder",
-                   help="encoder embeddings (default), projection embeddings, classifier logits")  # fmt: skip
-    p.add_argument("--out", type=Path, metavar="FILE", help="output file (default DIR/export/<space>.<ext>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -32,19 +32,29 @@
 #include <omp.h>
 #endif
 
-#define CB 32 /* output channels per register block: two vectors of 16 floats */
-#define TB 9  /* weight rows (kernel taps x input channels) per register block in the backward */
+/* Register blocks sized to the vector registers: 32 of 16 floats with AVX-512, 16 of 8 with AVX2.
+ * VW: floats per vector; CB: output channels per block (two vectors); TB: weight rows (kernel taps x
+ * input channels) per block in the backward. With AVX2's 16 registers, TB = 3 keeps the backward's
+ * 6 sums and 8 gradient vectors in registers (blocks sized for AVX-512 spill, about 20x slower). */
+#if defined(__AVX512F__)
+#define VW 16
+#define TB 9
+#else
+#define VW 8
+#define TB 3
+#endif
+#define CB (2 * VW)
 
-/* GCC/Clang vector extension: 16 floats, one AVX-512 register (two AVX2 ones where that is all). */
-typedef float v16 __attribute__((vector_size(64)));
+/* GCC/Clang vector extension: one register of VW floats. */
+typedef float vec __attribute__((vector_size(VW * 4)));
 
-static inline v16 vload(const float *p) {
-    v16 v;
+static inline vec vload(const float *p) {
+    vec v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-static inline void vstore(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+static inline void vstore(float *p, vec v) { memcpy(p, &v, sizeof v); }
 
 #define PARALLEL_MIN (1 << 14)  /* outputs below which OpenMP threads cost more than they save */
 
@@ -83,15 +93,15 @@ static void load_image(const void *images, int64_t n, int is_bf16, int64_t sn, i
 static inline void window_conv(const float *restrict xf, int64_t cols, int64_t cin, int64_t i, int64_t j,
                                const float *restrict wt, const float *restrict bias, int64_t cout,
                                int64_t co0, float acc[4][CB]) {
-    v16 a0 = vload(bias + co0), a1 = vload(bias + co0 + 16);
-    v16 b0 = a0, b1 = a1, c0 = a0, c1 = a1, d0 = a0, d1 = a1;
+    vec a0 = vload(bias + co0), a1 = vload(bias + co0 + VW);
+    vec b0 = a0, b1 = a1, c0 = a0, c1 = a1, d0 = a0, d1 = a1;
     for (int64_t kh = 0; kh < 3; kh++)
         for (int64_t kw = 0; kw < 3; kw++) {
             const float *p00 = xf + ((2 * i + kh) * cols + 2 * j + kw) * cin;
             const float *p01 = p00 + cin, *p10 = p00 + cols * cin, *p11 = p10 + cin;
             for (int64_t ci = 0; ci < cin; ci++) {
                 const float *w = wt + ((kh * 3 + kw) * cin + ci) * cout + co0;
-                const v16 w0 = vload(w), w1 = vload(w + 16);
+                const vec w0 = vload(w), w1 = vload(w + VW);
                 const float xa = p00[ci], xb = p01[ci], xc = p10[ci], xd = p11[ci];
                 a0 += xa * w0; a1 += xa * w1;
                 b0 += xb * w0; b1 += xb * w1;
@@ -99,10 +109,10 @@ static inline void window_conv(const float *restrict xf, int64_t cols, int64_t c
                 d0 += xd * w0; d1 += xd * w1;
             }
         }
-    vstore(acc[0], a0); vstore(acc[0] + 16, a1);
-    vstore(acc[1], b0); vstore(acc[1] + 16, b1);
-    vstore(acc[2], c0); vstore(acc[2] + 16, c1);
-    vstore(acc[3], d0); vstore(acc[3] + 16, d1);
+    vstore(acc[0], a0); vstore(acc[0] + VW, a1);
+    vstore(acc[1], b0); vstore(acc[1] + VW, b1);
+    vstore(acc[2], c0); vstore(acc[2] + VW, c1);
+    vstore(acc[3], d0); vstore(acc[3] + VW, d1);
 }
 
 /* Nonzero: use the portable float32 code even where the CPU has bf16 dot products (for tests). */
@@ -271,17 +281,17 @@ static void bwd_image(const float *restrict xf, const void *g, int g_bf16, const
     /* dW rows in blocks of TB, each block's sums held in registers over the image's windows. */
     for (int64_t t0 = 0; t0 < K; t0 += TB)
         for (int64_t co0 = 0; co0 < cout; co0 += CB) {
-            v16 acc[TB][2];
+            vec acc[TB][2];
 #pragma GCC unroll 9
-            for (int tt = 0; tt < TB; tt++) acc[tt][0] = acc[tt][1] = (v16){0};
+            for (int tt = 0; tt < TB; tt++) acc[tt][0] = acc[tt][1] = (vec){0};
             for (int64_t i = 0; i < Ho; i++)
                 for (int64_t j = 0; j < Wo; j++) {
                     const float *G = gs + ((i * Wo + j) * (cout / CB) + co0 / CB) * 4 * CB;
-                    const v16 g00 = vload(G), g01 = vload(G + 16), g10 = vload(G + CB),
-                              g11 = vload(G + CB + 16), g20 = vload(G + 2 * CB), g21 = vload(G + 2 * CB + 16),
-                              g30 = vload(G + 3 * CB), g31 = vload(G + 3 * CB + 16);
+                    const vec g00 = vload(G), g01 = vload(G + VW), g10 = vload(G + CB),
+                              g11 = vload(G + CB + VW), g20 = vload(G + 2 * CB), g21 = vload(G + 2 * CB + VW),
+                              g30 = vload(G + 3 * CB), g31 = vload(G + 3 * CB + VW);
                     const float *base = xf + (2 * i * cols + 2 * j) * cin;
-#pragma GCC unroll 9 /* = TB: the accumulators stay in registers */
+#pragma GCC unroll 9 /* >= TB: the accumulators stay in registers */
                     for (int tt = 0; tt < TB; tt++) {
                         const float *p = base + off[t0 + tt];
                         const float xa = p[0], xb = p[cin], xc = p[cols * cin], xd = p[cols * cin + cin];
@@ -299,7 +309,7 @@ static void bwd_image(const float *restrict xf, const void *g, int g_bf16, const
             for (int tt = 0; tt < TB; tt++) {
                 float *d = pdw + (t0 + tt) * cout + co0;
                 vstore(d, vload(d) + acc[tt][0]);
-                vstore(d + 16, vload(d + 16) + acc[tt][1]);
+                vstore(d + VW, vload(d + VW) + acc[tt][1]);
             }
         }
 }
