@@ -7,22 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-import supcon
-from _trained import run_data, trained_run  # tests/ is on sys.path under pytest
+from _trained import run_data  # tests/ is on sys.path under pytest
 from supcon.core.errors import UsageError
 from supcon.data.dataset import ImageDataset
 from supcon.serve import embed as embed_mod
 from supcon.serve.embed import embed_run
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return trained_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(run):
-    return supcon.load(run, device="cpu")
 
 
 @pytest.fixture(scope="module")

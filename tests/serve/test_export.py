@@ -8,8 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import supcon
-from _trained import digits_test_images, trained_run  # tests/ is on sys.path under pytest
+from _trained import digits_test_images  # tests/ is on sys.path under pytest
 from supcon.core.config import from_dict
 from supcon.core.errors import UsageError
 from supcon.models.build import build_encoder_for
@@ -19,16 +18,6 @@ from supcon.serve.inference import _shape_only
 
 # torch.jit.load is deprecated in favour of torch.export; TorchScript files are still an export format.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return trained_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(run):
-    return supcon.load(run, device="cpu")
 
 
 @pytest.fixture(scope="module")

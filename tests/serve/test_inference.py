@@ -8,23 +8,13 @@ from PIL import Image
 from torch.nn import functional as F
 
 import supcon
-from _trained import OVERRIDES, digits_test_images, trained_run  # tests/ is on sys.path under pytest
+from _trained import OVERRIDES, digits_test_images  # tests/ is on sys.path under pytest
 from supcon.core.config import Config, set_values
 from supcon.core.errors import UsageError
 from supcon.core.runtime import resolve_runtime
 from supcon.data.datasets import channel_stats, load_dataset, load_split
 from supcon.models.build import load_phase_model
 from supcon.serve.inference import prepare
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return trained_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(run):
-    return supcon.load(run, device="cpu")
 
 
 def _cfg() -> Config:

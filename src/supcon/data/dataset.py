@@ -42,6 +42,7 @@ class ImageDataset:
     train_paths: list[str] | None = None  # where each image came from, when it came from a file
     test_paths: list[str] | None = None
     held_out: ImageDataset | None = None  # classes left out of training (data.exclude_classes)
+    made_from: str | None = None  # how the images were made from their source, when not as stored
 
     def __or__(self, fields: dict) -> ImageDataset:
         """The same dataset with some fields set (``data | {"train_paths": ...}``)."""
@@ -67,7 +68,9 @@ class ImageDataset:
     def summary(self) -> str:
         return (
             f"{self.name}: {len(self.train_y)} train / {len(self.test_y)} test images, "
-            f"{self.image_size}x{self.image_size}x{self.channels}, {self.num_classes} classes"
+            f"{self.image_size}x{self.image_size}x{self.channels}"
+            + (f" ({self.made_from})" if self.made_from else "")
+            + f", {self.num_classes} classes"
             + (" (multi-label)" if self.multilabel else "")
         )
 

@@ -63,7 +63,10 @@ def load_digits(image_size: int | None = None, seed: int = 0) -> ImageDataset:
     y = bunch.target.astype(np.int64)
     # Its own fixed share: data.test_fraction is for image files given without a split.
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
-    return _from_arrays("digits", x_tr, y_tr, x_te, y_te, [str(c) for c in bunch.target_names])
+    made = f"8x8 greyscale scans, each pixel repeated {size // 8}x{size // 8} and to 3 channels"
+    return _from_arrays("digits", x_tr, y_tr, x_te, y_te, [str(c) for c in bunch.target_names]) | {
+        "made_from": made
+    }
 
 
 def _cifar(name: str, path: str | None, progress: bool = True) -> ImageDataset:

@@ -57,8 +57,12 @@ def _sample(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
+# Test images in the t-SNE map: enough to show the classes' clusters, few enough for seconds.
+TSNE_POINTS = 2000
+
+
 def tsne_map(out_dir: Path, seed: int, data: ImageDataset, feats: Features) -> tuple[Path | str, float]:
-    sel = _sample(data.test_y, min(len(data.test_y), 2000), seed)
+    sel = _sample(data.test_y, min(len(data.test_y), TSNE_POINTS), seed)
     maps = {name: test_f[sel].numpy() for name, (_, test_f) in feats.items()}
     t0 = time.perf_counter()
     path = plot_tsne(maps, data.test_y[sel].numpy(), data.classes, out_dir / "tsne.png", seed)

@@ -62,5 +62,3 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
             raise UsageError(
                 f"refusing to overwrite {run_dir}: it is not a supcon run folder (no config.yaml)"
             )
-
-

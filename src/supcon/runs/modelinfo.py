@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from supcon.core.config import Config
+from supcon.core.errors import UsageError
+from supcon.core.files import atomic_write
 from supcon.data.dataset import ImageDataset
 from supcon.data.imageset import storage_side
 from supcon.models.resnet import resolve_stem
-from supcon.core.errors import UsageError
-from supcon.core.files import atomic_write
 
 MODEL_INFO = "model.json"
 FORMAT = 1

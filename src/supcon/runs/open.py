@@ -30,7 +30,6 @@ def _lock(run_dir: Path):
     return RunLock(run_dir).acquire() if dist.is_main() else None
 
 
-
 def _write_start(cfg: Config, run_dir: Path, resume: bool) -> None:
     """Rank 0: clear the folder (a fresh or overwritten run) and write the resolved config."""
     from supcon.runs.lock import clear_run_folder
@@ -42,7 +41,6 @@ def _write_start(cfg: Config, run_dir: Path, resume: bool) -> None:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
     except OSError as e:
         raise UsageError(f"cannot write run folder {run_dir}: {e.strerror or e}") from None
-
 
 
 def open_run(

@@ -112,14 +112,21 @@ def _conv_fusable(x: torch.Tensor, conv: torch.nn.Module, rnd: bool | None) -> b
         and x.shape[3] >= 4
         and w.device.type == "cpu"
         and w.dtype == torch.float32
-        and conv.bias is not None
+        and _plain_conv3x3(conv)
+        and w.shape[0] % 32 == 0
+    )
+
+
+def _plain_conv3x3(conv: torch.nn.Conv2d) -> bool:
+    """A 3x3 convolution with a bias, stride 1, no padding, dilation or groups: what the kernels compute."""
+    return (
+        conv.bias is not None
         and conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
         and conv.padding == (0, 0)
         and conv.dilation == (1, 1)
         and conv.groups == 1
         and conv.padding_mode == "zeros"
-        and w.shape[0] % 32 == 0
     )
 
 
@@ -136,13 +143,7 @@ def _winograd_fits(x: torch.Tensor, conv: torch.nn.Module) -> bool:
         and x.shape[2] >= 4
         and x.shape[3] >= 4
         and x.is_contiguous(memory_format=torch.channels_last)
-        and conv.bias is not None
-        and conv.kernel_size == (3, 3)
-        and conv.stride == (1, 1)
-        and conv.padding == (0, 0)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
+        and _plain_conv3x3(conv)
         and x.shape[1] % lib.winograd_block_columns() == 0
         and w.shape[0] % lib.winograd_block_columns() == 0
     )

@@ -35,7 +35,7 @@
 /* Register blocks sized to the vector registers: 32 of 16 floats with AVX-512, 16 of 8 with AVX2.
  * VW: floats per vector; CB: output channels per block (two vectors); TB: weight rows (kernel taps x
  * input channels) per block in the backward. With AVX2's 16 registers, TB = 3 keeps the backward's
- * 6 sums and 8 gradient vectors in registers (blocks sized for AVX-512 spill, about 20x slower). */
+ * 6 sums and 8 gradient vectors in registers (blocks sized for AVX-512 spill: 15-18x slower). */
 #if defined(__AVX512F__)
 #define VW 16
 #define TB 9
