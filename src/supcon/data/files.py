@@ -5,7 +5,9 @@ image converted to RGB, and the short error texts they share.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from supcon.core.errors import UsageError
+from supcon.data.diskio import open_regular
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -158,6 +161,16 @@ def worker_count(workers: int | None, n_files: int) -> int:
 
 def first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """A Pillow image of ``path``, which must be a regular file: a FIFO or a device in its place is
+    one line (:class:`UsageError`), not a read that blocks forever."""
+    from PIL import Image
+
+    with open_regular(path, "image") as f, Image.open(f) as im:
+        yield im
 
 
 def to_rgb(im: Any) -> Any:

@@ -29,6 +29,7 @@ from supcon.data.files import (
     ImageFile,
     first_line,
     human_bytes,
+    open_image,
     run_threads,
     to_rgb,
     worker_count,
@@ -237,11 +238,12 @@ def _decode_job(job: tuple[list[str], np.ndarray, int | None, str]) -> tuple[int
 
 
 def _image_size(file: str) -> tuple[int, int]:
-    from PIL import Image
 
     try:
-        with Image.open(file) as im:
+        with open_image(file) as im:
             return im.size
+    except UsageError:
+        raise
     except Exception as e:
         raise UsageError(f"cannot decode image {file}: {first_line(e)}") from None
 
@@ -252,7 +254,7 @@ def _decode_into(paths: list[str], out: np.ndarray, image_size: int | None, firs
     h, w = out.shape[1:3]
     for i, file in enumerate(paths):
         try:
-            with Image.open(file) as im:
+            with open_image(file) as im:
                 if image_size is None and im.size != (w, h):
                     raise UsageError(
                         f"image {file} is {im.size[0]}x{im.size[1]} but {first} is {w}x{h}; "
