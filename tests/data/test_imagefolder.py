@@ -404,18 +404,18 @@ def test_folders_nested_past_the_path_length_limit(tmp_path, nested):
 
 
 def test_unreadable_image(tmp_path, monkeypatch):
+    import os
+
     root = _make(tmp_path / "data")
-    from PIL import Image as PILImage
+    real_open = os.open
 
-    real_open = PILImage.open
+    def deny(path, *a, **kw):  # images are opened with os.open (regular files only); root reads all
+        if str(path).endswith("d.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **kw)
 
-    def deny(fp, *a, **kw):
-        if str(fp).endswith("d.png"):
-            raise PermissionError(13, "Permission denied", str(fp))
-        return real_open(fp, *a, **kw)
-
-    monkeypatch.setattr(PILImage, "open", deny)
-    _one_line_error(root, tmp_path, "^cannot decode image .*/train/dog/d.png: .*Permission denied", workers=1)
+    monkeypatch.setattr(os, "open", deny)
+    _one_line_error(root, tmp_path, "^cannot read image .*/train/dog/d.png: .*Permission denied", workers=1)
 
 
 def test_image_size_needing_more_memory_than_there_is_is_refused_before_allocating(tmp_path, monkeypatch):

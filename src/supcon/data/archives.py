@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from supcon.core.errors import UsageError
 from supcon.core.files import umask_mode
+from supcon.data.diskio import one_line
 
 
 def member_name(name: str) -> str:
@@ -43,13 +44,13 @@ def open_tar(archive: Path) -> Iterator[tarfile.TarFile]:
         with tarfile.open(archive, "r:*") as tf:
             yield tf
     except (tarfile.TarError, EOFError, zlib.error) as e:
-        raise UsageError(f"cannot read archive {archive}: corrupt or truncated ({e})") from None
+        raise UsageError(f"cannot read archive {archive}: corrupt or truncated ({one_line(e)})") from None
     except OSError as e:
         # gzip reports bad data as OSError without an errno (BadGzipFile); an errno means the
         # system refused something (a full disk while extracting, say), which is not corruption.
         if e.errno is not None:
             raise
-        raise UsageError(f"cannot read archive {archive}: corrupt or truncated ({e})") from None
+        raise UsageError(f"cannot read archive {archive}: corrupt or truncated ({one_line(e)})") from None
 
 
 def safe_members(tf: tarfile.TarFile, archive: Path) -> Iterator[tarfile.TarInfo]:

@@ -34,9 +34,10 @@ from typing import IO, Any
 import numpy as np
 
 from supcon.core.errors import UsageError
-from supcon.core.files import default_root, umask_mode
+from supcon.core.files import umask_mode
 from supcon.data.archives import extract, member_name, open_tar, safe_members
 from supcon.data.dataset import Arrays
+from supcon.data.diskio import cache_root, make_folder, one_line
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60
@@ -108,9 +109,7 @@ def load_cifar(
         raise UsageError(f"unknown CIFAR dataset {name!r}; choose one of: {', '.join(CIFAR)}")
     if path is not None:
         return _load_user_copy(spec, Path(path).expanduser(), md5)
-    return _load_cached(
-        spec, Path(root).expanduser() if root is not None else default_root(), url, md5, progress
-    )
+    return _load_cached(spec, cache_root(root), url, md5, progress)
 
 
 # --------------------------------------------------------------------------- user-supplied copy
@@ -202,7 +201,7 @@ def _load_cached(spec: CifarSpec, root: Path, url: str | None, md5: str | None, 
 
     folder = _complete_folder(spec, extracted)
     if folder is None:
-        _mkdir(root)
+        make_folder(root)
         # A cached archive is trusted only after its checksum, so a half-written or tampered file
         # left by an older version (or by hand) is replaced rather than extracted.
         if not archive.is_file() or _md5_of(archive) != md5:
@@ -229,16 +228,6 @@ def _stem(name: str) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name + ".d"
-
-
-def _mkdir(root: Path) -> None:
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(
-            f"cannot create the data cache folder {root}: {e.strerror or e}; "
-            "set SUPCON_DATA to a writable folder"
-        ) from None
 
 
 def _md5_of(file: Path) -> str:
@@ -356,10 +345,10 @@ def _unpickle(fh: IO[bytes], label: object) -> Any:
     except UsageError:
         raise
     except (OSError, EOFError, zlib.error, tarfile.TarError) as e:
-        raise UsageError(f"cannot read {label}: corrupt or truncated ({e})") from None
+        raise UsageError(f"cannot read {label}: corrupt or truncated ({one_line(e)})") from None
     except Exception as e:
         raise UsageError(
-            f"cannot read {label}: not a CIFAR python batch file ({type(e).__name__}: {e})"
+            f"cannot read {label}: not a CIFAR python batch file ({type(e).__name__}: {one_line(e)})"
         ) from None
 
 

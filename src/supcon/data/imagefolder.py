@@ -16,15 +16,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from supcon.core.errors import UsageError
-from supcon.core.files import atomic_write, default_root
+from supcon.core.files import atomic_write
 from supcon.data.dataset import Arrays
+from supcon.data.diskio import cache_root, warn
 from supcon.data.files import (
     ImageFile,
     first_line,
@@ -68,7 +68,7 @@ def decode_files(
     ):
         raise UsageError(f"image size must be a positive whole number of pixels, got {image_size!r}")
     cache_file = _cache_file(root, cache_dir, image_size, train + test, np.concatenate([y_train, y_test]))
-    cached = _read_cache(cache_file, classes)
+    cached = _read_cache(cache_file, classes) if cache_file is not None else None
     if cached is not None:
         return cached
     x = _decode_all(
@@ -81,7 +81,8 @@ def decode_files(
         np.asarray(y_test, np.int64),
         classes,
     )
-    _write_cache(cache_file, root, out)
+    if cache_file is not None:
+        _write_cache(cache_file, root, out)
     return out
 
 
@@ -97,8 +98,14 @@ def _cache_file(
     image_size: int | None,
     files: list[ImageFile],
     labels,
-) -> Path:
-    base = Path(cache_dir).expanduser() if cache_dir is not None else default_root()
+) -> Path | None:
+    """The cache file of these files, or None when there is no cache folder to use (said in one line:
+    the cache only saves the next run time)."""
+    try:
+        base = cache_root(cache_dir)
+    except UsageError as e:
+        warn(f"not caching decoded images: {e}")
+        return None
     lines = [f"supcon imagefolder v{FORMAT_VERSION}", str(root), f"image_size={image_size}"]
     lines += [f"{rel}\t{size}\t{mtime}\t{y}" for (_, rel, size, mtime), y in zip(files, labels, strict=True)]
     key = hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()[:32]
@@ -137,7 +144,7 @@ def _write_cache(file: Path, data_root: Path, split: Arrays) -> None:
     folder = file.parent
     with contextlib.suppress(OSError):
         if folder.resolve().is_relative_to(data_root):
-            _warn(f"not caching decoded images: cache folder {folder} is inside the data folder {data_root}")
+            warn(f"not caching decoded images: cache folder {folder} is inside the data folder {data_root}")
             return
     x_train, y_train, x_test, y_test, classes = split
 
@@ -155,7 +162,7 @@ def _write_cache(file: Path, data_root: Path, split: Arrays) -> None:
     try:
         atomic_write(file, write)
     except UsageError as e:
-        _warn(f"could not cache decoded images: {e}")
+        warn(f"could not cache decoded images: {e}")
         return
     # Caches of earlier states of the same folder are dead weight (each can be hundreds of MB).
     prefix = file.name.split("-", 1)[0] + "-"
@@ -163,11 +170,6 @@ def _write_cache(file: Path, data_root: Path, split: Arrays) -> None:
         if old != file:
             with contextlib.suppress(OSError):
                 old.unlink()
-
-
-def _warn(message: str) -> None:
-    # One plain line: warnings.warn would add the source file, line number and code.
-    print(f"supcon: warning: {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- decoding

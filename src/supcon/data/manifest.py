@@ -18,13 +18,17 @@ time, which key the decode caches: an added, removed or rewritten image means a 
 from __future__ import annotations
 
 import csv
+import io
 import os
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from supcon.core.errors import UsageError
+from supcon.data.diskio import kind, one_line, open_regular, same_files
 from supcon.data.files import (
     IMAGE_EXTENSIONS,
     ImageFile,
@@ -62,7 +66,7 @@ class Manifest:
 def read_manifest(path: str | os.PathLike[str], test_fraction: float = 0.2) -> Manifest:
     """The manifest of a data folder or CSV file (see the module docstring for the layouts)."""
     root = check_root(path)
-    if root.is_file():
+    if not root.is_dir():  # a file, or a FIFO or device named like one (refused when opened)
         if root.suffix.lower() != ".csv":
             raise UsageError(
                 f"data path {root} is a file but not a .csv manifest "
@@ -73,7 +77,12 @@ def read_manifest(path: str | os.PathLike[str], test_fraction: float = 0.2) -> M
         classes = class_folders(root)
         train = [list_class(root, "train", c) for c in classes]
         test = [list_class(root, "test", c) for c in classes]
-        return Manifest(root, classes, flatten(train), class_labels(train), flatten(test), class_labels(test))
+        m = Manifest(root, classes, flatten(train), class_labels(train), flatten(test), class_labels(test))
+        split = [False] * len(m.train) + [True] * len(m.test)
+        refuse_shared_files(
+            root, classes, m.files(), np.concatenate([m.train_y, m.test_y]), split, _rels(m.files())
+        )
+        return m
     classes = subfolders(root)
     if len(classes) < 2:
         raise UsageError(
@@ -82,10 +91,14 @@ def read_manifest(path: str | os.PathLike[str], test_fraction: float = 0.2) -> M
         )
     per_class = [[(p, rel.lstrip("/"), n, t) for p, rel, n, t in list_class(root, "", c)] for c in classes]
     files, labels = flatten(per_class), class_labels(per_class)
-    return _split(root, classes, files, labels, [None] * len(files), test_fraction)
+    return _split(root, classes, files, labels, [None] * len(files), test_fraction, _rels(files))
 
 
-def _split(root, classes, files, labels, given, test_fraction: float) -> Manifest:
+def _rels(files: list[ImageFile]) -> list[str]:
+    return [f[1] for f in files]
+
+
+def _split(root, classes, files, labels, given, test_fraction: float, where: list[str]) -> Manifest:
     """Files with a given split keep it (and then files without one train); with no split given at
     all, each class sends ``test_fraction`` of its files (at least one) to test."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -100,6 +113,7 @@ def _split(root, classes, files, labels, given, test_fraction: float) -> Manifes
             continue  # a single image trains
         n_test = min(len(idx) - 1, max(1, round(len(idx) * test_fraction)))
         is_test[rng.permutation(idx)[:n_test]] = True
+    refuse_shared_files(root, classes, files, labels, is_test, where)
     train_i, test_i = np.flatnonzero(~is_test), np.flatnonzero(is_test)
     if not len(test_i):
         raise UsageError(f"{root}: no test images (every class has a single image, or all rows say train)")
@@ -123,13 +137,19 @@ def _from_csv(csv_path: Path, test_fraction: float) -> Manifest:
     ids = {c: i for i, c in enumerate(classes)}
     files = _stat_files(csv_path, rows)
     labels = [ids[label] for _, label, _, _ in rows]
-    return _split(csv_path, classes, files, labels, [split for _, _, split, _ in rows], test_fraction)
+    given = [split for _, _, split, _ in rows]
+    return _split(csv_path, classes, files, labels, given, test_fraction, _lines(rows))
+
+
+def _lines(rows) -> list[str]:
+    return [f"{rel} (line {line})" for rel, _, _, line in rows]
 
 
 def _stat_files(csv_path: Path, rows) -> list[ImageFile]:
-    """The listed files (absolute path, relative path, size, mtime); missing ones refused together."""
+    """The listed files (absolute path, relative path, size, mtime); missing ones refused together,
+    then anything but regular files (a FIFO would block the decode forever, a device never end)."""
     base = csv_path.parent
-    files, missing = [], []
+    files, missing, special = [], [], []
     for rel, _, _, line in rows:
         full = base / rel
         try:
@@ -137,13 +157,45 @@ def _stat_files(csv_path: Path, rows) -> list[ImageFile]:
         except OSError:
             missing.append(f"{rel} (line {line})")
             continue
+        if not stat.S_ISREG(st.st_mode):
+            special.append(f"{rel} (line {line}: {kind(st.st_mode)})")
         files.append((str(full), rel, st.st_size, st.st_mtime_ns))
-    if missing:
-        more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
-        raise UsageError(
-            f"{csv_path}: {len(missing)} listed image(s) do not exist: {', '.join(missing[:_SHOW])}{more}"
-        )
+    for bad, what in ((missing, "do not exist"), (special, "are not regular files")):
+        if bad:
+            more = f" and {len(bad) - _SHOW} more" if len(bad) > _SHOW else ""
+            raise UsageError(f"{csv_path}: {len(bad)} listed path(s) {what}: {', '.join(bad[:_SHOW])}{more}")
     return files
+
+
+def refuse_shared_files(source: Path, classes, files: list[ImageFile], labels, is_test, where) -> None:
+    """Refuse one file on disk (the same path twice, a link, a hard link) listed in both train and
+    test, where the test would score images the model trained on (retrieval P@1 = 1.0), or under
+    two different labels, which cannot both be its class. ``where[i]`` names entry ``i``."""
+    labels, is_test = np.asarray(labels), np.asarray(is_test, dtype=bool)
+    for group in same_files(files):
+        train = [i for i in group if not is_test[i]]
+        test = [i for i in group if is_test[i]]
+        if train and test:
+            i, j = train[0], test[0]
+            raise UsageError(
+                f"{source}: {where[i]} (train) and {where[j]} (test) are the same file {files[i][0]}; "
+                "an image in both splits makes the test score its own training images"
+            )
+        first = group[0]
+        other = next((j for j in group if not np.array_equal(labels[j], labels[first])), None)
+        if other is not None:
+            raise UsageError(
+                f"{source}: {where[first]} ({_names(classes, labels[first])}) and {where[other]} "
+                f"({_names(classes, labels[other])}) are the same file {files[first][0]} under different "
+                "labels; list each image once" + (" with all its labels" if labels.ndim == 2 else "")
+            )
+
+
+def _names(classes, label) -> str:
+    label = np.asarray(label)
+    if label.ndim == 0:
+        return repr(classes[int(label)])
+    return ";".join(classes[c] for c in np.flatnonzero(label > 0)) or "no labels"
 
 
 def _from_multilabel_csv(csv_path: Path, rows, test_fraction: float) -> Manifest:
@@ -169,6 +221,7 @@ def _from_multilabel_csv(csv_path: Path, rows, test_fraction: float) -> Manifest
             raise UsageError(
                 f"{csv_path}, line {line}: label {classes[c]!r} of a test image has no training image"
             )
+    refuse_shared_files(csv_path, classes, files, hot, is_test, _lines(rows))
     train_i, test_i = np.flatnonzero(~is_test), np.flatnonzero(is_test)
     if not len(test_i):
         raise UsageError(f"{csv_path}: no test images (all rows say train, or too few rows to split)")
@@ -201,31 +254,53 @@ def _random_test_rows(hot: np.ndarray, test_fraction: float) -> np.ndarray:
 
 
 def _csv_rows(csv_path: Path) -> tuple[list[tuple[str, str, str | None, int]], bool]:
-    """The rows (path, label or labels text, split, line) and whether the manifest is multi-label."""
+    """The rows (path, label or labels text, split, line) and whether the manifest is multi-label.
+    Line numbers are the file's own (blank lines and quoted line breaks counted), as an editor
+    shows them."""
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in reader.fieldnames or []]
-            if "label" in header and "labels" in header:
-                raise UsageError(f"{csv_path}: has both a label and a labels column; keep one")
-            column = "labels" if "labels" in header else "label"
-            lacking = [c for c in ("path", column) if c not in header]
-            if lacking:
-                raise UsageError(
-                    f"{csv_path}: missing column(s) {', '.join(lacking)}; the header must be "
-                    f"path,label[,split] or path,labels[,split] (found: {','.join(header) or 'nothing'})"
-                )
-            rows = []
-            for line, raw in enumerate(reader, start=2):
-                row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
-                rows.append(_csv_row(csv_path, line, row, column))
+        with (
+            open_regular(csv_path, "CSV manifest") as raw,
+            io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f,
+        ):
+            records = _records(csv.reader(f))
+            _, header = next(records, (1, []))
+            header = [h.strip() for h in header]
+            column = _label_column(csv_path, header)
+            rows = [_csv_row(csv_path, line, _as_dict(header, values), column) for line, values in records]
     except OSError as e:
         raise UsageError(f"cannot read {csv_path}: {e.strerror or e}") from None
     except (csv.Error, UnicodeDecodeError) as e:
-        raise UsageError(f"{csv_path}: not a readable CSV file ({e})") from None
+        raise UsageError(f"{csv_path}: not a readable CSV file ({one_line(e)})") from None
     if not rows:
         raise UsageError(f"{csv_path}: no rows under the header")
     return rows, column == "labels"
+
+
+def _records(reader) -> Iterator[tuple[int, list[str]]]:
+    """(first line of the record, its values) for each non-blank record of a ``csv.reader``."""
+    start = 1
+    for values in reader:
+        if values:
+            yield start, values
+        start = reader.line_num + 1
+
+
+def _as_dict(header: list[str], values: list[str]) -> dict[str, str]:
+    # As csv.DictReader: missing trailing values are empty, extra ones are dropped.
+    return {k: values[i].strip() if i < len(values) else "" for i, k in enumerate(header)}
+
+
+def _label_column(csv_path: Path, header: list[str]) -> str:
+    if "label" in header and "labels" in header:
+        raise UsageError(f"{csv_path}: has both a label and a labels column; keep one")
+    column = "labels" if "labels" in header else "label"
+    lacking = [c for c in ("path", column) if c not in header]
+    if lacking:
+        raise UsageError(
+            f"{csv_path}: missing column(s) {', '.join(lacking)}; the header must be "
+            f"path,label[,split] or path,labels[,split] (found: {','.join(header) or 'nothing'})"
+        )
+    return column
 
 
 def _csv_row(csv_path: Path, line: int, row: dict, column: str = "label") -> tuple[str, str, str | None, int]:
