@@ -17,29 +17,46 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from supcon.core import dist
+from supcon.core.config import MAX_SEED
 from supcon.core.errors import UsageError
+from supcon.core.schema import short
+
+if TYPE_CHECKING:
+    from supcon.core.stop import StopFlag
 
 BASELINE = "cross-entropy"  # the row the paired differences of `compare` are taken against
 LEVEL = 0.95
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct non-negative integers."""
+    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct integers from 0 to ``MAX_SEED``."""
+    parts = [s for s in str(text).split(",") if s.strip()]
+    # int() of a 5000-digit string is itself refused by Python; anything past 20 digits is out of range.
+    if any(len(s.strip()) > 20 for s in parts):
+        raise UsageError(f"--seeds: each seed must be an integer from 0 to {MAX_SEED}, got {short(text)}")
     try:
-        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+        seeds = [int(s) for s in parts]
     except ValueError:
-        raise UsageError(f"--seeds takes comma-separated integers such as 0,1,2, got {text!r}") from None
+        raise UsageError(f"--seeds takes comma-separated integers such as 0,1,2, got {short(text)}") from None
     return check_seeds(seeds)
+
+
+MAX_SEEDS = 100_000  # a repeat of more runs than this is a typo
 
 
 def check_seeds(seeds: Sequence[int]) -> list[int]:
     seeds = list(seeds)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise UsageError(f"seeds must be one or more integers >= 0, got {seeds!r}")
+    if not seeds or any(
+        isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED for s in seeds
+    ):
+        raise UsageError(f"seeds must be one or more integers from 0 to {MAX_SEED}, got {short(seeds)}")
+    if len(seeds) > MAX_SEEDS:
+        raise UsageError(f"at most {MAX_SEEDS} seeds, got {len(seeds)}")
     if len(set(seeds)) != len(seeds):
-        raise UsageError(f"seeds must be distinct, got {seeds!r}")
+        raise UsageError(f"seeds must be distinct, got {short(seeds)}")
     return seeds
 
 
@@ -192,19 +209,31 @@ RunOne = Callable[[int, Path, bool], dict]  # (seed, its run folder, resume it) 
 
 
 def run_seeds(
-    command: str, seeds: Sequence[int], out: Path, run_one: RunOne, *, resume: bool = False
+    command: str,
+    seeds: Sequence[int],
+    out: Path,
+    run_one: RunOne,
+    *,
+    resume: bool = False,
+    stop: StopFlag | None = None,
 ) -> dict:
     """Run ``command`` once per seed in ``out/seed-N`` with ``run_one``, then aggregate.
 
     With ``resume``: a seed whose folder holds ``results.json`` is finished and read back, one whose
     folder holds a run is resumed, any other starts. Writes ``out/results.json`` and
-    ``out/report.md`` (rank 0) and returns the aggregate.
+    ``out/report.md`` (rank 0) and returns the aggregate. A ``stop`` request (SIGINT/SIGTERM) that
+    the seed's own training loop did not act on (it came during data loading, evaluation or the
+    report) ends the job before the next seed with :class:`Interrupted`.
     """
     seeds, out = check_seeds(seeds), Path(out)
     if (out / "config.yaml").is_file():
         raise UsageError(f"{out} is a single run's folder; --seeds needs a folder of its own (seed-N inside)")
     per_seed = {}
     for seed in seeds:
+        if stop is not None and stop.requested:
+            from supcon.core.stop import Interrupted  # here: --seeds parsing imports no torch
+
+            raise Interrupted(out)
         folder = seed_dir(out, seed)
         done = folder / "results.json"
         if resume and done.is_file():
