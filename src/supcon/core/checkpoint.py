@@ -7,6 +7,7 @@ Ctrl-C mid-write never leaves a truncated checkpoint behind.
 from __future__ import annotations
 
 import glob
+import os
 import pickle
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from supcon.core.errors import UsageError
 from supcon.core.files import atomic_write, remove_stale_temps
+from supcon.core.schema import field, number_list
 
 
 def save_checkpoint(state: dict[str, Any], path: Path, keep: int = 2, *, locked: bool = False) -> None:
@@ -26,11 +28,32 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep: int = 2, *, locked:
     holds the run folder's lock) all of them are.
     """
     remove_stale_temps(path.parent, "*.pt", all_dead=locked)
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: _torch_save(state, tmp))
     match = _EPOCH_FILE.match(path.name)
     if keep > 0 and match:
         for p in _checkpoints(path.parent, match["stem"])[:-keep]:
             p.unlink(missing_ok=True)
+
+
+def _torch_save(state: dict[str, Any], tmp: str) -> None:
+    """``torch.save`` whose write failures are ``OSError``: on a full disk PyTorch's zip writer raises
+    ``RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos``, which names neither
+    the file nor the reason; ``atomic_write`` then removes the temporary file and says both."""
+    import errno
+    import shutil
+
+    try:
+        torch.save(state, tmp)
+    except RuntimeError as e:
+        text = str(e)
+        if "inline_container" not in text and "write" not in text.lower() and "pos" not in text:
+            raise
+        try:
+            full = shutil.disk_usage(Path(tmp).parent).free < (1 << 20)
+        except OSError:
+            full = False
+        code = errno.ENOSPC if full or "unexpected pos" in text else errno.EIO
+        raise OSError(code, os.strerror(code)) from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -60,6 +83,34 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def _first_line(e: BaseException, limit: int = 200) -> str:
     text = str(e).strip().splitlines()
     return text[0][:limit] if text else type(e).__name__
+
+
+def check_checkpoint(ckpt: Any, path: Path, phase: str, epochs: int) -> None:
+    """A loaded checkpoint's metadata, as :func:`supcon.train.loop.fit` reads it back: the keys present,
+    of their types and in range (the phase it was saved for, an epoch within the phase's ``epochs``).
+    ``UsageError`` naming the file and the key otherwise, never a ``KeyError`` deep in a resume."""
+    source = f"checkpoint {path}"
+    if not isinstance(ckpt, dict):
+        raise UsageError(f"{source} is not a supcon checkpoint (not a mapping)")
+    field(ckpt, "phase", "str", source, choices=(phase,))
+    field(ckpt, "epoch", "int", source, ge=0, le=epochs)
+    field(ckpt, "step", "int", source, ge=0, le=1 << 40)
+    for key in ("model", "optimizer", "scheduler", "scaler", "config"):
+        field(ckpt, key, "mapping", source)
+    history = field(ckpt, "history", "list", source)
+    if len(history) != ckpt["epoch"] or not all(isinstance(r, dict) for r in history):
+        raise UsageError(f"{source}: history must hold one record (a mapping) per epoch done")
+    if not isinstance(ckpt.get("g_data"), torch.Tensor) or ckpt["g_data"].dtype != torch.uint8:
+        raise UsageError(f"{source}: g_data must be a generator state (a uint8 tensor)")
+    field(ckpt, "streams", "list", source)
+    partial = field(ckpt, "partial", "mapping", source, optional=True)
+    if partial is not None:
+        field(partial, "partial.loss", "number", source)
+        field(partial, "partial.correct", "int", source, ge=0)
+        field(partial, "partial.seen", "int", source, ge=0)
+        field(partial, "partial.classifies", "bool", source)
+        if field(partial, "partial.negatives", "list", source, optional=True) is not None:
+            number_list(partial, "partial.negatives", source, 2)
 
 
 def latest_checkpoint(folder: Path, stem: str) -> Path | None:

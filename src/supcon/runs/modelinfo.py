@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from supcon.core.config import Config
+from supcon.core.config import MAX_IMAGE_SIZE, Config, from_dict, read_config_file
 from supcon.core.errors import UsageError
 from supcon.core.files import atomic_write
+from supcon.core.schema import check_value, field, load_json, number_list, read_text
 from supcon.data.dataset import ImageDataset
 from supcon.data.imageset import storage_side
 from supcon.models.resnet import resolve_stem
@@ -70,6 +71,42 @@ def model_info(cfg: Config, data: ImageDataset) -> dict[str, Any]:
     }
 
 
+MAX_CLASSES = 1 << 20
+
+
+def check_model_info(info: Any, source: str) -> dict[str, Any]:
+    """``info`` (a parsed model.json) with every key that inference reads checked: present, of its type,
+    in range, lengths that agree (mean/std per channel, std above 0); ``UsageError`` naming ``source``
+    and the key otherwise. A file edited by hand or written by another tool must fail here, in one
+    line, not as a ``KeyError`` or NaN embeddings later."""
+    if not isinstance(info, dict):
+        raise UsageError(f"{source} is not a supcon model.json (not a JSON object)")
+    field(info, "format", "int", source, choices=(FORMAT,))
+    classes = field(info, "classes", "list", source)
+    if not 1 <= len(classes) <= MAX_CLASSES:
+        raise UsageError(f"{source}: classes must list 1 to {MAX_CLASSES} names, got {len(classes)}")
+    for i, c in enumerate(classes):
+        check_value(c, "str", f"{source}: classes[{i}]")
+    field(info, "multilabel", "bool", source)
+    size = field(info, "image_size", "int", source, ge=1, le=MAX_IMAGE_SIZE)
+    channels = field(info, "channels", "int", source, choices=(1, 3))
+    field(info, "dataset", "str", source, optional=True)
+    norm = field(info, "normalization", "mapping", source, optional=True)
+    if norm is not None:
+        number_list(norm, "normalization.mean", source, channels)
+        number_list(norm, "normalization.std", source, channels, gt=0)
+    _check_preprocess(field(info, "preprocess", "mapping", source), size, source)
+    from_dict({"model": field(info, "model", "mapping", source)}, source)
+    return info
+
+
+def _check_preprocess(pre: dict, size: int, source: str) -> None:
+    resize = field(pre, "preprocess.resize", "str", source, choices=("square", "short-side"))
+    field(pre, "preprocess.size", "int", source, choices=(size,))
+    if resize == "short-side":
+        field(pre, "preprocess.resize_to", "int", source, ge=size, le=4 * MAX_IMAGE_SIZE)
+
+
 def write_model_info(run_dir: Path, cfg: Config, data: ImageDataset) -> None:
     """Write ``run_dir/model.json`` atomically (call on rank 0)."""
     text = json.dumps(model_info(cfg, data), indent=1)
@@ -81,22 +118,15 @@ def read_model_info(run_dir: Path, progress: bool = False) -> dict[str, Any]:
     the run's dataset (loaded as training did), or a ``UsageError`` that says what is missing."""
     run_dir = Path(run_dir)
     path = run_dir / MODEL_INFO
-    if path.is_file():
-        try:
-            info = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise UsageError(f"{path} is unreadable ({e})") from None
-        if not isinstance(info, dict) or info.get("format") != FORMAT:
-            raise UsageError(f"{path} is not a supcon model.json of format {FORMAT}")
-        return info
+    if path.exists():
+        return check_model_info(load_json(read_text(path, MODEL_INFO), str(path)), str(path))
     from supcon.data.datasets import load_split
-    from supcon.runs.folder import read_config
 
     if not run_dir.is_dir():
         raise UsageError(f"run folder does not exist: {run_dir}")
     if not (run_dir / "config.yaml").is_file():
         raise UsageError(f"{run_dir} has neither {MODEL_INFO} nor config.yaml: not a supcon run folder")
-    cfg = read_config(run_dir)
+    cfg = read_config_file(run_dir / "config.yaml")
     try:
         data, _ = load_split(cfg.data, cfg.seed, progress)
     except UsageError as e:

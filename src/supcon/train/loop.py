@@ -82,6 +82,9 @@ class _State:
     epoch: int = 0
     step: int = 0  # first step of the epoch in progress (non-zero after a mid-epoch resume)
     history: list[dict] = field(default_factory=list)
+    # The epoch in progress's sums over its steps before ``step`` (all ranks summed): a resumed
+    # epoch's record then covers the whole epoch, not only the steps after the resume.
+    partial: dict | None = None
 
 
 @dataclass
@@ -129,7 +132,7 @@ def fit(phase: Phase, run: Run) -> list[dict]:
         record = _epoch_record(phase, run, totals, sched, time.perf_counter() - t0, state)
         state.history.append(record)
         run.log.append(record)
-        state.epoch, state.step = state.epoch + 1, 0
+        state.epoch, state.step, state.partial = state.epoch + 1, 0, None
         last = state.epoch == pc.epochs
         stopping = not last and (_stop_agreed(run) or state.epoch == run.stop_after)
         if last or stopping or state.epoch % run.cfg.checkpoint_every == 0:
@@ -148,7 +151,7 @@ def _run_epoch(phase: Phase, run: Run, perm, state: _State, parts, g_state) -> _
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
         perm = perm.to(rt.device)
-    totals = _Totals(torch.zeros((), device=rt.device), torch.zeros((), device=rt.device, dtype=torch.long))
+    totals = _start_totals(rt.device, state.partial if state.step else None)
     bar = _progress(run, phase, state, steps)
     try:
         for s in bar:
@@ -175,9 +178,8 @@ def _run_epoch(phase: Phase, run: Run, perm, state: _State, parts, g_state) -> _
             if _stop_now(run, s, steps):
                 if s + 1 < steps:
                     _check_running_loss(phase, run, state, totals, s, None, sched)
-                    raise Interrupted(
-                        _save(phase, run, _State(state.epoch, s + 1, state.history), parts, g_state)
-                    )
+                    at = _State(state.epoch, s + 1, state.history, _partial(totals))
+                    raise Interrupted(_save(phase, run, at, parts, g_state))
                 break
     finally:
         if feed is not None:
@@ -185,6 +187,35 @@ def _run_epoch(phase: Phase, run: Run, perm, state: _State, parts, g_state) -> _
             totals.data_wait = feed.wait_seconds
     bar.close()
     return totals
+
+
+def _start_totals(device: torch.device, partial: dict | None) -> _Totals:
+    """Zero sums, or on rank 0 the sums of a resumed epoch's steps before the resume (they were
+    summed over all ranks when saved, so the other ranks start from zero)."""
+    totals = _Totals(torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long))
+    if partial is None or not dist.is_main():
+        return totals
+    totals.loss += partial["loss"]
+    totals.correct += partial["correct"]
+    totals.seen, totals.classifies = partial["seen"], partial["classifies"]
+    if partial["negatives"] is not None:
+        totals.negatives = torch.tensor(partial["negatives"], device=device)
+    return totals
+
+
+def _partial(totals: _Totals) -> dict:
+    """The running sums of the epoch so far, summed over ranks (a collective), for a mid-epoch
+    checkpoint."""
+    neg = totals.negatives if totals.negatives is not None else totals.loss.new_zeros(2)
+    seen = torch.tensor(float(totals.seen), device=totals.loss.device)
+    summed = dist.all_reduce_sum(
+        torch.stack([totals.loss.float(), totals.correct.float(), seen, *neg.float()])
+    )
+    loss, correct, n, neg_sum, neg_n = host_read(summed)
+    return {
+        "loss": loss, "correct": int(correct), "seen": int(n), "classifies": totals.classifies,
+        "negatives": [neg_sum, neg_n] if totals.negatives is not None else None,
+    }  # fmt: skip
 
 
 def _batch(perm: torch.Tensor, s: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,13 +347,19 @@ def _save(phase: Phase, run: Run, state: _State, parts, g_data_state: torch.Tens
             "scaler": scaler.state_dict(),
             "g_data": g_data_state,
             "streams": rank_streams,  # one per rank: augmentation and global generators
+            "partial": state.partial,
         }
         save_checkpoint(ckpt, path, keep=run.cfg.keep_checkpoints, locked=run.lock is not None)
     return path
 
 
+def _first(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
 def _resume(phase: Phase, run: Run, opt, sched, scaler, streams: Streams) -> _State:
-    from supcon.core.checkpoint import load_latest_checkpoint
+    from supcon.core.checkpoint import check_checkpoint, load_latest_checkpoint
 
     if not run.resume:
         return _State()
@@ -336,13 +373,20 @@ def _resume(phase: Phase, run: Run, opt, sched, scaler, streams: Streams) -> _St
             )
         return _State()
     path, ckpt = found
-    phase.module.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
-    if scaler.is_enabled() and ckpt["scaler"]:  # empty when saved without fp16: start a fresh scale
-        scaler.load_state_dict(ckpt["scaler"])
-    notes = restore_streams(streams, ckpt, dist.rank())
-    state = _State(ckpt["epoch"], ckpt["step"], ckpt["history"])
+    check_checkpoint(ckpt, path, phase.name, phase.cfg.epochs)
+    try:
+        phase.module.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if scaler.is_enabled() and ckpt["scaler"]:  # empty when saved without fp16: start a fresh scale
+            scaler.load_state_dict(ckpt["scaler"])
+        notes = restore_streams(streams, ckpt, dist.rank())
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        # The metadata was checked; what remains is a state that does not fit this model/optimizer.
+        raise UsageError(
+            f"checkpoint {path} does not fit this run ({type(e).__name__}: {_first(e)})"
+        ) from None
+    state = _State(ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt.get("partial"))
     run.log.truncate(phase.name, state.epoch)
     if dist.is_main():
         print(
