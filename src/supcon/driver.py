@@ -18,8 +18,9 @@ from typing import Any
 from supcon.commands import COMMANDS
 from supcon.core.config import Config, load_preset, set_value, set_values
 from supcon.core.errors import UsageError
+from supcon.core.stop import StopFlag
 from supcon.experiments import evaluate_folder, report_failure
-from supcon.runs.folder import default_run_dir, read_config
+from supcon.runs.folder import check_inputs_outside, default_run_dir, read_config
 from supcon.runs.open import open_run
 from supcon.runs.seeds import fresh_seed_preset, run_seeds, seed_dir, seed_source
 from supcon.train.loop import Diverged
@@ -112,11 +113,17 @@ def execute(req: Request) -> dict:
     return _execute_one(req, resolve_config(req))
 
 
-def _execute_one(req: Request, cfg: Config) -> dict:
+def _execute_one(req: Request, cfg: Config, stop: StopFlag | None = None) -> dict:
+    if req.overwrite and not req.resume:
+        inputs = {"--from": req.from_dir, "--pretrained": cfg.model.pretrained, "--data": cfg.data.path}
+        check_inputs_outside(req.out, inputs)
     handle = open_run(
         cfg, req.out, overwrite=req.overwrite, resume=req.resume, progress=req.progress,
         device=req.device, stop_after=req.stop_after, phases=COMMANDS[req.command].phases,
+        command=req.command,
     )  # fmt: skip
+    if stop is not None:
+        handle.stop = stop  # a repeat over seeds: one stop request for the whole job
     try:
         with handle.stop:
             results = COMMANDS[req.command].function()(handle, req.from_dir)
@@ -131,13 +138,16 @@ def _execute_one(req: Request, cfg: Config) -> dict:
 
 
 def _execute_seeds(req: Request) -> dict:
+    stop = StopFlag()  # held across seeds: a SIGTERM between two runs still ends the job
+
     def one(seed: int, folder: Path, again: bool) -> dict:
         sub = for_seed(req, seed, folder, again)
         if req.resume and not again:  # a seed not started yet: the started ones' config
             sub.preset = fresh_seed_preset(req.command, req.out, req.preset)
-        return _execute_one(sub, resolve_config(sub))
+        return _execute_one(sub, resolve_config(sub), stop)
 
-    return run_seeds(req.command, req.seeds, req.out, one, resume=req.resume)
+    with stop:
+        return run_seeds(req.command, req.seeds, req.out, one, resume=req.resume, stop=stop)
 
 
 def run(

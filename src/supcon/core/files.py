@@ -33,6 +33,7 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     line naming ``path`` and the reason.
     """
     path = Path(path)
+    check_regular_output(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,13 +42,47 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         os.close(fd)
         write(tmp)
         os.chmod(tmp, umask_mode(0o666))
+        _fsync(tmp)  # the data is on disk before the rename makes it the file (a power loss)
         os.replace(tmp, path)
+        _fsync(path.parent, folder=True)
     except OSError as e:
         _remove(tmp)
         raise UsageError(f"cannot write {path}: {_reason(path, e)}") from None
     except BaseException:
         _remove(tmp)
         raise
+
+
+def check_regular_output(path: Path) -> None:
+    """``UsageError`` when ``path`` exists and is not a regular file (or a link to one): a device node,
+    FIFO, socket or folder is never replaced by an output."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # nothing there yet; a bad parent is said later
+        return
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a special file (device, FIFO or socket)"
+        raise UsageError(f"refusing to write {path}: it exists and is {kind}, not a regular file")
+
+
+def _fsync(path: str | Path, folder: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+    except OSError:
+        if folder:  # some file systems cannot open folders for sync: the rename is still atomic
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:
+            raise
+    finally:
+        os.close(fd)
 
 
 def default_root() -> Path:

@@ -21,13 +21,21 @@ class Interrupted(Exception):
 
 class StopFlag:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each step, so the step in flight finishes
-    and a checkpoint is written. A second Ctrl-C interrupts at once."""
+    and a checkpoint is written. A second Ctrl-C interrupts at once.
+
+    Re-entrant: a repeat over seeds holds one flag for the whole job and each seed's run enters it
+    again, so a request that arrives between two seeds' training loops (data loading, evaluation,
+    the report) is not lost when one run ends and the next begins."""
 
     def __init__(self):
         self.requested = False
         self._old: dict[int, object] = {}
+        self._depth = 0
 
     def __enter__(self):
+        self._depth += 1
+        if self._depth > 1:
+            return self
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -39,6 +47,9 @@ class StopFlag:
         self.requested = True
 
     def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth > 0:
+            return False
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()

@@ -36,8 +36,12 @@ SHOW = 5  # names listed in a message
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a weights file, unwrapped from ``state_dict``/``model``/``encoder`` dicts."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise UsageError(f"pretrained weights {path} is a folder; give the weights file inside it")
+    if not path.exists():
         raise UsageError(f"pretrained weights not found: {path}")
+    if not path.is_file():  # a FIFO would block the read, a device never ends
+        raise UsageError(f"pretrained weights {path} is not a regular file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -160,6 +164,11 @@ def load_pretrained(encoder: nn.Module, path: str | Path, verbose: bool = True) 
         raise UsageError(
             f"pretrained weights {path}: none of its {len(state)} tensor names match this encoder "
             f"(file: {_names(list(state))}; encoder: {_names(list(own))}); likely another architecture"
+        )
+    bad = [k for k in loaded if state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
+    if bad:  # else training would start from them and report a divergence, blaming the wrong thing
+        raise UsageError(
+            f"pretrained weights {path} hold NaN or infinite values ({len(bad)} tensors: {_names(bad)})"
         )
     target.load_state_dict({k: state[k] for k in loaded}, strict=False)
     report = LoadReport(

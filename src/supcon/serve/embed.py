@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from supcon.core.errors import UsageError
-from supcon.core.files import atomic_write
+from supcon.core.files import atomic_write, check_regular_output
 from supcon.data.dataset import ImageDataset
 from supcon.data.datasets import load_dataset
 from supcon.serve.inference import TrainedModel, load
@@ -52,6 +52,7 @@ def check_output(out: Path, overwrite: bool) -> str:
         raise UsageError(f"unknown output format {out.name!r}: name the file .npz (numpy) or .parquet")
     if fmt == ".parquet" and importlib.util.find_spec("pyarrow") is None:
         raise UsageError("writing .parquet needs pyarrow: pip install 'supcon[parquet]' (or write .npz)")
+    check_regular_output(out)  # a device node or FIFO is never replaced, --overwrite or not
     if out.exists() and not overwrite:
         raise UsageError(f"{out} exists; use --overwrite to replace it")
     return fmt
@@ -71,6 +72,12 @@ def dataset_for(run_dir: Path, model: TrainedModel, path: str | None, progress: 
         data = load_dataset(None, path, progress=progress, if_supported={"image_size": model.image_size})
         source = str(path)
     s, c = model.image_size, model.channels
+    if data.multilabel != model.multilabel:
+        kinds = {True: "multi-label (several classes an image)", False: "single-label"}
+        raise UsageError(
+            f"{source} is {kinds[data.multilabel]} but the run was trained on {kinds[model.multilabel]} "
+            "data: embed data labelled as the run's was"
+        )
     if (data.image_size, data.channels) != (s, c):
         raise UsageError(
             f"{source} holds {data.image_size}x{data.image_size}x{data.channels} images but the model takes "
@@ -91,16 +98,26 @@ def batches(model: TrainedModel, data: ImageDataset, split: str, space: str, nor
             z = model.outputs(images, space)
             z = F.normalize(z, dim=1) if normalize else z
             labels = np.asarray(y[i : i + batch_size], dtype=np.int64)
+            names = _class_names(labels, data.classes)
+            labels = labels if labels.ndim == 1 else np.full(len(labels), -1, np.int64)
             bar.update(len(images))
             yield EmbedRows(
                 part,
                 np.arange(i, i + len(images), dtype=np.int64),
                 None if paths is None else [str(p) for p in paths[i : i + batch_size]],
                 labels,
-                [data.classes[k] for k in labels],
+                names,
                 z.numpy(),
                 images,
             )
+
+
+def _class_names(labels: np.ndarray, classes: list[str]) -> list[str]:
+    """One name per row; for multi-hot rows [B, C] (multi-label data, whose label column is then -1)
+    the names of its classes joined by ``|``."""
+    if labels.ndim == 1:
+        return [classes[k] for k in labels]
+    return ["|".join(classes[k] for k in np.flatnonzero(row)) for row in labels]
 
 
 def write_npz(tmp: str, rows: Iterator[EmbedRows], classes: list[str]) -> int:

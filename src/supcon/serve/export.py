@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from supcon.core.errors import UsageError
-from supcon.core.files import atomic_write
+from supcon.core.files import atomic_write, check_regular_output
 from supcon.data.dataset import Normalize
 from supcon.serve.inference import TrainedModel, load
 from supcon.serve.options import EXPORT_FORMATS, EXPORT_SPACES
@@ -115,6 +115,7 @@ def sidecar(model: TrainedModel, fmt: str, space: str, out: Path, width: int) ->
 
 def check_output(out: Path, overwrite: bool) -> None:
     for p in (out, _sidecar_path(out)):
+        check_regular_output(p)  # a device node or FIFO is never replaced, --overwrite or not
         if p.exists() and not overwrite:
             raise UsageError(f"{p} exists; use --overwrite to replace it")
 

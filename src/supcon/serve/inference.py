@@ -208,6 +208,8 @@ def _to_pil(item: Any):
     if isinstance(item, torch.Tensor | np.ndarray):
         a = np.asarray(item.cpu() if isinstance(item, torch.Tensor) else item)
         _check_uint8(a)
+        if a.ndim in (2, 3) and min(a.shape[:2]) < 1:  # PIL would make an image of nothing
+            raise UsageError(f"an image array must be at least 1x1 pixels, got shape {list(a.shape)}")
         if a.ndim == 3 and a.shape[2] == 1:
             a = a[:, :, 0]
         if a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4)):
@@ -227,7 +229,10 @@ def prepare(item: Any, channels: int, preprocess: dict[str, Any]) -> np.ndarray:
 
     from supcon.data.files import to_rgb
 
-    im = to_rgb(_to_pil(item))
+    im = _to_pil(item)
+    if min(im.size) < 1:
+        raise UsageError(f"an image must be at least 1x1 pixels, got {im.size[0]}x{im.size[1]}")
+    im = to_rgb(im)
     if channels == 1:
         im = im.convert("L")
     elif channels != 3:
