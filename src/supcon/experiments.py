@@ -10,6 +10,7 @@ Each training command writes a run folder (see :mod:`supcon.runs.folder`); :func
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +57,29 @@ def _load(run: Run) -> tuple[ImageDataset, Split]:
     data, split = load_split(run.cfg.data, run.cfg.seed, run.progress and dist.is_main())
     if dist.is_main():
         write_model_info(run.dir, run.cfg, data)  # model.json: what the weights need to be used
+        warn_unseen_classes(data)
     return data, split
+
+
+def unseen_classes(data: ImageDataset) -> list[str]:
+    """Single-label classes in the test split with no training image: a classifier cannot predict
+    them, so every such test image counts as an error."""
+    if data.multilabel or len(data.test_y) == 0:
+        return []
+    seen = set(torch.as_tensor(data.train_y).unique().tolist())
+    tested = set(torch.as_tensor(data.test_y).unique().tolist())
+    return [data.classes[k] for k in sorted(tested - seen) if 0 <= k < len(data.classes)]
+
+
+def warn_unseen_classes(data: ImageDataset) -> None:
+    unseen = unseen_classes(data)
+    if unseen:
+        shown = ", ".join(map(str, unseen[:5])) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
+        print(
+            f"supcon: warning: {len(unseen)} class(es) only in the test split, never trained on "
+            f"(their test images cannot be classified correctly): {shown}",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
 
 
 def _phase(run: Run, data: ImageDataset, phase: str, train: Callable[[], torch.nn.Module]):

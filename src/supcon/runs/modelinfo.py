@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from supcon.core.config import MAX_IMAGE_SIZE, Config, from_dict, read_config_file
+from supcon.core.config import MAX_IMAGE_SIZE, Config, check_memory, from_dict, read_config_file
 from supcon.core.errors import UsageError
 from supcon.core.files import atomic_write
 from supcon.core.schema import check_value, field, load_json, number_list, read_text
@@ -96,7 +96,13 @@ def check_model_info(info: Any, source: str) -> dict[str, Any]:
         number_list(norm, "normalization.mean", source, channels)
         number_list(norm, "normalization.std", source, channels, gt=0)
     _check_preprocess(field(info, "preprocess", "mapping", source), size, source)
-    from_dict({"model": field(info, "model", "mapping", source)}, source)
+    cfg = from_dict({"model": field(info, "model", "mapping", source)}, source)
+    # Sizes from a file: estimate the weights before building them (one image a batch at inference).
+    cfg.data.image_size, cfg.linear.batch_size = size, 1
+    try:
+        check_memory(cfg, ("linear",))
+    except UsageError as e:
+        raise UsageError(f"{source}: {e}") from None
     return info
 
 
