@@ -128,9 +128,9 @@ def check_resume_command(run_dir: Path, command: str, phases: tuple[str, ...]) -
         info = load_json(read_text(path, RUN_INFO), str(path))
         saved = field(info, "command", "str", str(path))
         if saved != command:
+            name = short(saved, 40).strip("'\"")
             raise UsageError(
-                f"cannot resume {run_dir} with {command}: it is a {short(saved, 40)} run "
-                f"(continue it with supcon {short(saved, 40)} --resume)"
+                f"cannot resume {run_dir} with {command}: it is a {name} run (continue it with supcon {name} --resume)"
             )
         return
     done = {p.name.split("-e", 1)[0] for p in (Path(run_dir) / "checkpoints").glob("*-e*.pt")}
