@@ -91,7 +91,8 @@ def test_a_full_disk_during_training_is_one_line_exit_2(tmp_path, monkeypatch, c
 def _good():
     return {
         "phase": "ce", "epoch": 1, "step": 0, "history": [{"loss": 1.0}], "model": {}, "optimizer": {},
-        "scheduler": {}, "scaler": {}, "config": {}, "g_data": torch.zeros(8, dtype=torch.uint8), "streams": [],
+        "scheduler": {}, "scaler": {}, "config": {}, "streams": [],
+        "g_data": torch.zeros(8, dtype=torch.uint8),
     }  # fmt: skip
 
 

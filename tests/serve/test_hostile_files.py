@@ -96,7 +96,8 @@ def test_embed_and_export_report_the_same(copy_of, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text", ["model: {feature_dim: -3}\n", "seed: 1e400\n", "a: &a [*a]\n", "[1]\n", "data:\n  path: [1, 2]\n"]
+    "text",
+    ["model: {feature_dim: -3}\n", "seed: 1e400\n", "a: &a [*a]\n", "[1]\n", "data:\n  path: [1, 2]\n"],
 )
 def test_a_damaged_config_yaml_is_one_line(copy_of, text, tmp_path):
     run = copy_of()
@@ -134,3 +135,28 @@ def test_a_zero_size_pil_image_is_refused(model):
 
     with pytest.raises(UsageError, match="at least 1x1"):
         model.embed(Image.new("RGB", (0, 0)))
+
+
+def test_multilabel_data_through_a_single_label_run_is_one_line(run, model, tmp_path, monkeypatch):
+    import torch
+
+    from supcon.data.dataset import ImageDataset
+    from supcon.serve import embed as embed_mod
+
+    s, c = model.image_size, model.channels
+    x = torch.zeros(4, s, s, c, dtype=torch.uint8)
+    y = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    multi = ImageDataset("tags", x, y, x, y, ["a", "b", "c"])
+    monkeypatch.setattr(embed_mod, "load_dataset", lambda *a, **k: multi)
+    with pytest.raises(UsageError, match="multi-label .* single-label") as e:
+        embed_run(run, tmp_path / "e.npz", data="tags.csv", progress=False, device="cpu")
+    assert "\n" not in str(e.value) and not (tmp_path / "e.npz").exists()
+    monkeypatch.setattr(model, "multilabel", True)  # a multi-label run takes it: names joined by |
+    rows = list(embed_mod.batches(model, multi, "test", "encoder", True, 2, _NoBar()))
+    assert [n for b in rows for n in b.class_names] == ["a|c", "b", "a|b", "c"]
+    assert all((b.labels == -1).all() for b in rows)
+
+
+class _NoBar:
+    def update(self, n):
+        pass

@@ -130,7 +130,8 @@ def check_resume_command(run_dir: Path, command: str, phases: tuple[str, ...]) -
         if saved != command:
             name = short(saved, 40).strip("'\"")
             raise UsageError(
-                f"cannot resume {run_dir} with {command}: it is a {name} run (continue it with supcon {name} --resume)"
+                f"cannot resume {run_dir} with {command}: it is a {name} run "
+                f"(continue it with supcon {name} --resume)"
             )
         return
     done = {p.name.split("-e", 1)[0] for p in (Path(run_dir) / "checkpoints").glob("*-e*.pt")}
