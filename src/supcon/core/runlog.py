@@ -11,13 +11,33 @@ from pathlib import Path
 
 from supcon.core import dist
 from supcon.core.errors import UsageError
+from supcon.core.schema import field, load_json
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of ``metrics.jsonl``, each checked (a JSON object with a phase and an epoch).
+    A damaged last line is what a kill during an append leaves, and is skipped; any other damaged
+    line is a ``UsageError`` naming the file and the line."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for k, (i, line) in enumerate(numbered):
+        try:
+            record = load_json(line, f"{path} line {i}")
+            field(record, "phase", "str", f"{path} line {i}")
+            field(record, "epoch", "int", f"{path} line {i}", ge=1)
+        except UsageError:
+            if k == len(numbered) - 1:
+                continue
+            raise
+        records.append(record)
+    return records
 
 
 def phase_seconds(run_dir: Path, phases: tuple[str, ...]) -> float:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from supcon.core import dist
 from supcon.core.config import MAX_SEED
 from supcon.core.errors import UsageError
-from supcon.core.schema import short
+from supcon.core.schema import field, load_json, read_text, short
 
 if TYPE_CHECKING:
     from supcon.core.stop import StopFlag
@@ -237,7 +237,7 @@ def run_seeds(
         folder = seed_dir(out, seed)
         done = folder / "results.json"
         if resume and done.is_file():
-            per_seed[seed] = json.loads(done.read_text())
+            per_seed[seed] = _finished(done)
             continue
         per_seed[seed] = run_one(seed, folder, resume and (folder / "config.yaml").is_file())
     if not dist.is_main():  # the other ranks of a distributed run hold no accuracies
@@ -246,6 +246,18 @@ def run_seeds(
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "report.md").write_text(report_text(results))
+    return results
+
+
+def _finished(path: Path) -> dict:
+    """A finished seed's ``results.json`` read back, checked as far as :func:`aggregate` reads it."""
+    results = load_json(read_text(path, "results"), str(path))
+    rows = field(results, "rows", "list", str(path))
+    for i, row in enumerate(rows):
+        field(row, f"rows[{i}].experiment", "str", str(path))
+        field(row, f"rows[{i}].group_acc", "mapping", str(path), optional=True)
+        for key in (*HEADLINES, *SECONDARY):
+            field(row, f"rows[{i}].{key}", "number", str(path), optional=True)
     return results
 
 
