@@ -25,7 +25,8 @@ def test_a_killed_append_is_skipped_other_damage_is_named(tmp_path):
 @pytest.mark.parametrize(
     "results",
     ["[]", '{"rows": 3}', '{"rows": [{"test_acc": 0.5}]}',
-     '{"rows": [{"experiment": "x", "test_acc": "high"}]}', '{"rows": [{"experiment": "x", "test_acc": 0.5, "group_acc": [1]}]}', "\x00"],
+     '{"rows": [{"experiment": "x", "test_acc": "high"}]}',
+     '{"rows": [{"experiment": "x", "test_acc": 0.5, "group_acc": [1]}]}', "\x00"],
 )  # fmt: skip
 def test_a_damaged_finished_seed_is_one_line(tmp_path, results):
     folder = tmp_path / "out" / "seed-0"
