@@ -94,7 +94,12 @@ def test_fields_name_file_and_key(data, kind, kwargs, match):
 
 def test_number_lists_agree_in_length_and_range():
     assert number_list({"std": [1, 2.5]}, "std", "m.json", 2, gt=0) == [1.0, 2.5]
-    for bad, match in (([1], "hold 2"), ([0, 1], "above 0"), (["a", 1], "finite number"), ([True, 1], "finite")):
+    for bad, match in (
+        ([1], "hold 2"),
+        ([0, 1], "above 0"),
+        (["a", 1], "finite number"),
+        ([True, 1], "finite"),
+    ):
         with pytest.raises(UsageError, match=match):
             number_list({"std": bad}, "std", "m.json", 2, gt=0)
 
