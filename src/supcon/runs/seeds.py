@@ -36,7 +36,7 @@ def parse_seeds(text: str) -> list[int]:
     parts = [s for s in str(text).split(",") if s.strip()]
     # int() of a 5000-digit string is itself refused by Python; anything past 20 digits is out of range.
     if any(len(s.strip()) > 20 for s in parts):
-        raise UsageError(f"--seeds: each seed must be an integer from 0 to {MAX_SEED}, got {short(text)}")
+        raise UsageError(f"each seed must be an integer from 0 to {MAX_SEED}, got {short(text)}")
     try:
         seeds = [int(s) for s in parts]
     except ValueError:
