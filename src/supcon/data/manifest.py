@@ -68,9 +68,10 @@ def read_manifest(path: str | os.PathLike[str], test_fraction: float = 0.2) -> M
     root = check_root(path)
     if not root.is_dir():  # a file, or a FIFO or device named like one (refused when opened)
         if root.suffix.lower() != ".csv":
+            what = "a file" if root.is_file() else _kind_of(root)
             raise UsageError(
-                f"data path {root} is a file but not a .csv manifest "
-                "(path,label[,split] or path,labels[,split])"
+                f"data path {root} is {what} but not a .csv manifest "
+                "(path,label[,split] or path,labels[,split]) or a folder"
             )
         return _from_csv(root, test_fraction)
     if (root / "train").is_dir() or (root / "test").is_dir():
@@ -92,6 +93,13 @@ def read_manifest(path: str | os.PathLike[str], test_fraction: float = 0.2) -> M
     per_class = [[(p, rel.lstrip("/"), n, t) for p, rel, n, t in list_class(root, "", c)] for c in classes]
     files, labels = flatten(per_class), class_labels(per_class)
     return _split(root, classes, files, labels, [None] * len(files), test_fraction, _rels(files))
+
+
+def _kind_of(path: Path) -> str:
+    try:
+        return kind(os.stat(path).st_mode)
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
 
 
 def _rels(files: list[ImageFile]) -> list[str]:
