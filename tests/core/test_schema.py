@@ -144,3 +144,12 @@ def test_set_values_are_bounded_in_messages():
     with pytest.raises(UsageError) as e:
         set_value(cfg, "x" * 100_000 + "=1")
     assert len(str(e.value)) < 400
+
+
+@pytest.mark.parametrize(
+    "assignment", ["ce.lr=1" + "0" * 400, "name=" + "x" * 100_000, "data.path=" + "p" * 5000]
+)
+def test_huge_numbers_and_strings_are_one_line(assignment):
+    with pytest.raises(UsageError) as e:
+        set_value(Config(), assignment)
+    assert len(str(e.value)) < 200

@@ -47,6 +47,7 @@ MAX_IMAGE_SIZE = 4096
 MAX_DIM = 1 << 16  # a layer's width
 MAX_COUNT = 1 << 24  # epochs, batch sizes, queue lengths, chunk sizes
 MAX_FACTOR = 1e6  # multipliers and weights of floats
+MAX_TEXT = 4096  # a name or a path (PATH_MAX)
 
 
 def _num(default: Any, *, ge: float | None = None, gt: float | None = None, lt: float | None = None,
@@ -203,7 +204,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             raise UsageError(f"config key {key!r}: expected a list, got {short(value)}")
         return [_check_type(v, inner, key) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 1e300:  # float() of a 400-digit integer overflows
+            raise UsageError(f"config key {key!r}: {short(value, 40)} is too large")
         return float(value)
+    if tp is str and isinstance(value, str) and len(value) > MAX_TEXT:
+        raise UsageError(f"config key {key!r}: at most {MAX_TEXT} characters, got {len(value)}")
     if tp is float and isinstance(value, str):
         # YAML 1.1 reads 1e-8 (no dot) as a string; a float field takes what float() takes.
         try:
