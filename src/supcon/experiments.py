@@ -21,6 +21,7 @@ from supcon.core import dist
 from supcon.core.checkpoint import save_weights
 from supcon.core.config import Config
 from supcon.core.errors import UsageError
+from supcon.core.files import atomic_write
 from supcon.core.runlog import read_metrics
 from supcon.core.runtime import resolve_runtime
 from supcon.data.dataset import ImageDataset, Split
@@ -173,7 +174,8 @@ def finish(
         images.append(plot_confusion(matrix, data.classes, run.dir / f"confusion-{phase}.png", name))
     results["report_seconds"] = clock.stop()
     results = rounded(results)
-    (run.dir / "results.json").write_text(json.dumps(results, indent=1))
+    text = json.dumps(results, indent=1)
+    atomic_write(run.dir / "results.json", lambda tmp: Path(tmp).write_text(text))
     write_report(run.dir, title, _summary(run, data), rows, images, sections=sections)
     return results
 

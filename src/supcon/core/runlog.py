@@ -11,6 +11,7 @@ from pathlib import Path
 
 from supcon.core import dist
 from supcon.core.errors import UsageError
+from supcon.core.files import atomic_write
 from supcon.core.schema import field, load_json
 
 
@@ -107,4 +108,5 @@ class RunLog:
         keep = [
             r for r in read_metrics(self.run_dir) if not (r.get("phase") == phase and r["epoch"] > epochs)
         ]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        text = "".join(json.dumps(r) + "\n" for r in keep)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from supcon.core.files import atomic_write
 from supcon.core.runlog import read_metrics
 
 PHASE_TITLES = {
@@ -171,5 +172,6 @@ def write_report(
         "",
     ]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path

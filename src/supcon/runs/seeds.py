@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from supcon.core import dist
 from supcon.core.config import MAX_SEED
 from supcon.core.errors import UsageError
+from supcon.core.files import atomic_write
 from supcon.core.schema import field, load_json, read_text, short
 
 if TYPE_CHECKING:
@@ -244,8 +245,8 @@ def run_seeds(
         return {"title": f"supcon {command} over seeds", "seeds": seeds, "rows": [], "paired": []}
     results = aggregate(command, per_seed)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "report.md").write_text(report_text(results))
+    for name, text in (("results.json", json.dumps(results, indent=1)), ("report.md", report_text(results))):
+        atomic_write(out / name, lambda tmp, text=text: Path(tmp).write_text(text))
     return results
 
 
