@@ -45,3 +45,33 @@ def test_a_resumed_epoch_record_matches_the_uninterrupted_one(tmp_path, monkeypa
     for a, b in zip(straight, resumed, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert b["train_acc"] == pytest.approx(a["train_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda c: c["model"].pop(next(iter(c["model"]))), "does not fit this run"),
+        (lambda c: c.update(streams=[1, 2]), "does not fit this run"),
+        (lambda c: c.update(optimizer={"state": 3}), "does not fit this run"),
+        (lambda c: c.update(epoch="1"), "epoch must be an integer"),
+        (lambda c: c.update(partial={"loss": float("nan")}), "partial.loss must be a finite number"),
+        (lambda c: c.pop("history"), "history is missing"),
+    ],
+)
+def test_a_damaged_checkpoint_is_one_line_on_resume(tmp_path, monkeypatch, damage, match):
+    import torch
+
+    from supcon.core.errors import UsageError
+
+    real = loop._stop_now
+    monkeypatch.setattr(loop, "_stop_now", lambda run, s, steps: s == 2 or real(run, s, steps))
+    with pytest.raises(Interrupted) as e:
+        _train(tmp_path / "r")
+    monkeypatch.setattr(loop, "_stop_now", real)
+    path = e.value.checkpoint
+    ckpt = torch.load(path, weights_only=True)
+    damage(ckpt)
+    torch.save(ckpt, path)
+    with pytest.raises(UsageError, match=match) as err:
+        _train(tmp_path / "r", resume=True)
+    assert "\n" not in str(err.value) and path.name in str(err.value)

@@ -381,7 +381,7 @@ def _resume(phase: Phase, run: Run, opt, sched, scaler, streams: Streams) -> _St
         if scaler.is_enabled() and ckpt["scaler"]:  # empty when saved without fp16: start a fresh scale
             scaler.load_state_dict(ckpt["scaler"])
         notes = restore_streams(streams, ckpt, dist.rank())
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         # The metadata was checked; what remains is a state that does not fit this model/optimizer.
         raise UsageError(
             f"checkpoint {path} does not fit this run ({type(e).__name__}: {_first(e)})"
