@@ -247,7 +247,7 @@ def _add_flags(p: argparse.ArgumentParser, command: str) -> None:
         "--seeds",
         type=_seed_list,
         metavar="LIST",
-        help="repeat over seeds, e.g. 0,1,2: one run in OUT/seed-N each, then mean ± std in OUT",
+        help="repeat over seeds, e.g. 0,1,2 or 0-9: one run in OUT/seed-N each, then mean ± std in OUT",
     )
 
 
@@ -375,7 +375,9 @@ def _resume_command(req: Request) -> str:
     """A command that continues this run: the saved config is the base, so no other flag is needed."""
     parts = ["supcon", req.command]
     if req.seeds is not None:  # a repeat over seeds: continue them all
-        parts += ["--seeds", ",".join(map(str, req.seeds))]
+        from supcon.runs.seeds import format_seeds
+
+        parts += ["--seeds", format_seeds(req.seeds)]
     if req.from_dir is not None:
         parts += ["--from", str(req.from_dir)]
     return " ".join([*parts, "--resume", "--out", str(req.out)])

@@ -69,3 +69,16 @@ def test_sigterm_outside_the_training_loop_stops_the_cli_repeat(tmp_path, monkey
     assert e.value.code == 0 and "stopped: progress saved in" in err and "--resume" in err
     assert (out / "seed-0").is_dir() and not (out / "seed-1").exists()
     assert not (out / "results.json").exists()
+
+
+def test_seed_ranges_read_back_and_resume_commands_stay_short():
+    from supcon.core.errors import UsageError
+    from supcon.runs.seeds import format_seeds, parse_seeds
+
+    assert parse_seeds("0-3,7, 9-10") == [0, 1, 2, 3, 7, 9, 10]
+    for seeds in ([0, 1, 2, 3, 7, 9, 10], list(range(1000)), [5], [1, 3, 5], [4, 5]):
+        assert parse_seeds(format_seeds(seeds)) == seeds
+    assert format_seeds(range(1000)) == "0-999"
+    for bad in ("3-1", "0-99999999999", "1-2-3", "-", "0-4294967296", "9" * 50, "0-5,3"):
+        with pytest.raises(UsageError):
+            parse_seeds(bad)

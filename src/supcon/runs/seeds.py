@@ -33,16 +33,41 @@ LEVEL = 0.95
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct integers from 0 to ``MAX_SEED``."""
-    parts = [s for s in str(text).split(",") if s.strip()]
-    # int() of a 5000-digit string is itself refused by Python; anything past 20 digits is out of range.
-    if any(len(s.strip()) > 20 for s in parts):
-        raise UsageError(f"each seed must be an integer from 0 to {MAX_SEED}, got {short(text)}")
-    try:
-        seeds = [int(s) for s in parts]
-    except ValueError:
-        raise UsageError(f"--seeds takes comma-separated integers such as 0,1,2, got {short(text)}") from None
+    """``"0,1,2"`` -> ``[0, 1, 2]``; ``"0-3,7"`` -> ``[0, 1, 2, 3, 7]``: distinct integers from 0 to
+    ``MAX_SEED``."""
+    seeds: list[int] = []
+    for part in (s.strip() for s in str(text).split(",")):
+        if not part:
+            continue
+        # int() of a 5000-digit string is itself refused by Python; past 20 digits is out of range.
+        if len(part) > 41:
+            raise UsageError(f"each seed must be an integer from 0 to {MAX_SEED}, got {short(text)}")
+        lo, _, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise UsageError(
+                f"--seeds takes integers or ranges such as 0,1,2 or 0-9, got {short(text)}"
+            ) from None
+        if not 0 <= first <= last <= MAX_SEED or last - first >= MAX_SEEDS or len(seeds) > MAX_SEEDS:
+            raise UsageError(f"each seed must be an integer from 0 to {MAX_SEED}, got {short(part)}")
+        seeds += range(first, last + 1)
     return check_seeds(seeds)
+
+
+def format_seeds(seeds: Sequence[int]) -> str:
+    """The shortest text :func:`parse_seeds` reads back as ``seeds``: runs of consecutive seeds as
+    ranges (the resume command of a 1000-seed job stays one short line)."""
+    parts, seeds = [], list(seeds)
+    i = 0
+    while i < len(seeds):
+        j = i
+        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
+            j += 1
+        parts.append(str(seeds[i]) if j - i < 2 else f"{seeds[i]}-{seeds[j]}")
+        parts += [str(seeds[j])] if j - i == 1 else []
+        i = j + 1
+    return ",".join(parts)
 
 
 MAX_SEEDS = 100_000  # a repeat of more runs than this is a typo
