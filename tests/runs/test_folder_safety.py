@@ -47,6 +47,8 @@ def _snapshot(path):
         {"model.json": '{"format": 1, "weights": "mine"}'},  # only a model.json, someone else's
         {"config.yaml": Config().to_yaml(), "model.json": "[]"},
         {"config.yaml": Config().to_yaml(), "src": None},  # a run config next to a source folder
+        {"config.yaml": Config().to_yaml(), "weights": None, "weights/thesis.tex": "mine"},
+        {"config.yaml": Config().to_yaml(), "run.json": '{"tool": "other"}'},
     ],
 )
 @pytest.mark.parametrize("overwrite", [False, True])

@@ -64,12 +64,27 @@ def _foreign_entries(run_dir: Path) -> list[str]:
         if p.is_symlink():
             odd.append(name)
         elif name in _RUN_FOLDERS:
-            odd += [] if p.is_dir() else [name]
+            odd += [f"{name}/{n}" for n in _foreign_inside(p)] if p.is_dir() else [name]
         elif name in _STUB_FILES or name in _RUN_FILES or name.endswith(".png"):
             odd += [] if p.is_file() else [name]
         elif not (name.startswith(".") and name.endswith(".tmp")):
             odd.append(name)
     return sorted(odd)
+
+
+# What the run's own subfolders hold (tensorboard/ and export/ hold what those tools name).
+_INSIDE = {"weights": (".safetensors",), "checkpoints": (".pt",)}
+
+
+def _foreign_inside(folder: Path) -> list[str]:
+    suffixes = _INSIDE.get(folder.name)
+    if suffixes is None:
+        return []
+    return [
+        p.name
+        for p in folder.iterdir()
+        if p.is_symlink() or not p.is_file() or not (p.name.endswith(suffixes) or p.name.endswith(".tmp"))
+    ]
 
 
 def recognise_run_folder(run_dir: Path) -> None:
@@ -93,6 +108,8 @@ def recognise_run_folder(run_dir: Path) -> None:
         read_config(run_dir)
         if (run_dir / MODEL_INFO).exists():
             check_model_info(load_json(read_text(run_dir / MODEL_INFO, MODEL_INFO), MODEL_INFO), MODEL_INFO)
+        if (run_dir / RUN_INFO).exists():
+            field(load_json(read_text(run_dir / RUN_INFO, RUN_INFO), RUN_INFO), "command", "str", RUN_INFO)
     except UsageError as e:
         raise UsageError(f"{why} {run_dir}: not a supcon run folder ({e})") from None
 
