@@ -243,3 +243,13 @@ def test_a_truncated_archive_is_one_line(tmp_path):
         for m in tf:
             tf.extractfile(m).read()
     _one_line(e)
+
+
+@pytest.mark.parametrize(
+    "name", ['"p/a\nb.png"', '"p/a\rb.png"', '"p/a\x1bb.png"', "p/" + "x" * 5000 + ".jpg"]
+)
+def test_a_path_with_control_characters_or_of_any_length_is_named_on_one_bounded_line(tmp_path, name):
+    with pytest.raises(UsageError) as e:
+        read_manifest(_csv(tmp_path, [*_base_rows(), f"{name},ant,train"]))
+    msg = _one_line(e)
+    assert "(line 14)" in msg and "\r" not in msg and "\x1b" not in msg and len(msg) < 800

@@ -186,10 +186,12 @@ def _builder(data: Path, cache: Path, delay: float) -> subprocess.Popen:
 
 def test_two_builds_at_once_build_once_and_both_read_the_result(tmp_path):
     data = _photos(tmp_path / "p")
-    procs = [_builder(data, tmp_path / "c", 0.3) for _ in range(2)]
+    first = _builder(data, tmp_path / "c", 0.5)
+    said = first.stdout.readline()  # it holds the lock from here on, for 6 chunks of 0.5 s
+    procs = [first, _builder(data, tmp_path / "c", 0.5)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    text = "".join(o for o, _ in outs)
+    text = said + "".join(o for o, _ in outs)
     assert text.count("BUILD") == 1
     assert len({line for line in text.splitlines() if line.startswith("STORE")}) == 1
     assert "waiting for another process" in "".join(e for _, e in outs)

@@ -38,6 +38,15 @@ def one_line(e: BaseException | str) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` (a path or name from a user's file) safe inside a one-line message: control
+    characters escaped, as repr does, and the length bounded."""
+    text = str(text)
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def warn(message: str) -> None:
     # One plain line: warnings.warn would add the source file, line number and code.
     print(f"supcon: warning: {message}", file=sys.stderr, flush=True)

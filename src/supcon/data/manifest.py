@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from supcon.core.errors import UsageError
-from supcon.data.diskio import kind, one_line, open_regular, same_files
+from supcon.data.diskio import kind, one_line, open_regular, printable, same_files
 from supcon.data.files import (
     IMAGE_EXTENSIONS,
     ImageFile,
@@ -150,7 +150,7 @@ def _from_csv(csv_path: Path, test_fraction: float) -> Manifest:
 
 
 def _lines(rows) -> list[str]:
-    return [f"{rel} (line {line})" for rel, _, _, line in rows]
+    return [f"{printable(rel)} (line {line})" for rel, _, _, line in rows]
 
 
 def _stat_files(csv_path: Path, rows) -> list[ImageFile]:
@@ -163,10 +163,10 @@ def _stat_files(csv_path: Path, rows) -> list[ImageFile]:
         try:
             st = os.stat(full)
         except OSError:
-            missing.append(f"{rel} (line {line})")
+            missing.append(f"{printable(rel)} (line {line})")
             continue
         if not stat.S_ISREG(st.st_mode):
-            special.append(f"{rel} (line {line}: {kind(st.st_mode)})")
+            special.append(f"{printable(rel)} (line {line}: {kind(st.st_mode)})")
         files.append((str(full), rel, st.st_size, st.st_mtime_ns))
     for bad, what in ((missing, "do not exist"), (special, "are not regular files")):
         if bad:
@@ -186,24 +186,24 @@ def refuse_shared_files(source: Path, classes, files: list[ImageFile], labels, i
         if train and test:
             i, j = train[0], test[0]
             raise UsageError(
-                f"{source}: {where[i]} (train) and {where[j]} (test) are the same file {files[i][0]}; "
-                "an image in both splits makes the test score its own training images"
+                f"{source}: {where[i]} (train) and {where[j]} (test) are the same file "
+                f"{printable(files[i][0])}; in both splits, the test would score its own training images"
             )
         first = group[0]
         other = next((j for j in group if not np.array_equal(labels[j], labels[first])), None)
         if other is not None:
             raise UsageError(
                 f"{source}: {where[first]} ({_names(classes, labels[first])}) and {where[other]} "
-                f"({_names(classes, labels[other])}) are the same file {files[first][0]} under different "
-                "labels; list each image once" + (" with all its labels" if labels.ndim == 2 else "")
+                f"({_names(classes, labels[other])}) are the same file {printable(files[first][0])} under "
+                "different labels; list each image once" + (" with all its labels" * (labels.ndim == 2))
             )
 
 
 def _names(classes, label) -> str:
     label = np.asarray(label)
     if label.ndim == 0:
-        return repr(classes[int(label)])
-    return ";".join(classes[c] for c in np.flatnonzero(label > 0)) or "no labels"
+        return repr(printable(classes[int(label)]))
+    return printable(";".join(classes[c] for c in np.flatnonzero(label > 0))) or "no labels"
 
 
 def _from_multilabel_csv(csv_path: Path, rows, test_fraction: float) -> Manifest:
@@ -318,7 +318,7 @@ def _csv_row(csv_path: Path, line: int, row: dict, column: str = "label") -> tup
         raise UsageError(f"{csv_path}, line {line}: empty {what}")
     if not rel.lower().endswith(IMAGE_EXTENSIONS):
         raise UsageError(
-            f"{csv_path}, line {line}: {rel} is not an image file ({' '.join(IMAGE_EXTENSIONS)})"
+            f"{csv_path}, line {line}: {printable(rel)} is not an image file ({' '.join(IMAGE_EXTENSIONS)})"
         )
     if split not in (None, "train", "test"):
         raise UsageError(f"{csv_path}, line {line}: split must be train or test (or empty), got {split!r}")
