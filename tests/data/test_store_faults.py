@@ -234,6 +234,20 @@ def test_the_lock_is_released_and_its_file_removed(tmp_path):
     assert not lock.exists()
 
 
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP])
+def test_a_file_system_without_locks_builds_unguarded_with_a_warning(tmp_path, monkeypatch, capsys, code):
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    st = _open(read_manifest(_photos(tmp_path / "p")), tmp_path / "c")
+    assert len(st) == 12 and "cannot lock" in capsys.readouterr().err
+    with diskio.try_exclusive(tmp_path / "x.lock") as got:
+        assert not got  # what such a lock guards is left alone
+
+
 # --------------------------------------------------------------------------- damaged stores
 
 

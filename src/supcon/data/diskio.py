@@ -176,20 +176,23 @@ def _why(folder: Path, e: OSError) -> str:
 def exclusive(lock_file: Path, waiting: str | None = None) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_file`` (created if needed), waiting for any holder;
     ``waiting`` is said once if we have to wait. The file is removed on release, so lock files do
-    not pile up: a waiter that then gets the lock on the removed file sees it and tries again."""
+    not pile up: a waiter that then gets the lock on the removed file sees it and tries again.
+    Where the file system has no locks, this says so once and goes on unguarded."""
     said = False
     while True:
         fd = _open_lock(lock_file)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _lock(fd, lock_file, blocking=False):
                 if waiting and not said:
                     print(f"supcon: {waiting}", file=sys.stderr, flush=True)
                     said = True
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                _lock(fd, lock_file, blocking=True)
             if _still_named(fd, lock_file):
                 break
+        except _NoLocks:
+            os.close(fd)
+            yield
+            return
         except BaseException:
             os.close(fd)
             raise
@@ -202,16 +205,16 @@ def exclusive(lock_file: Path, waiting: str | None = None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def try_exclusive(lock_file: Path) -> Iterator[bool]:
-    """As :func:`exclusive` without waiting: yields whether the lock was taken."""
+    """As :func:`exclusive` without waiting: yields whether the lock was taken (never where the file
+    system has no locks: what it guards is then left alone)."""
     try:
         fd = _open_lock(lock_file)
     except UsageError:
         yield False
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        got = _still_named(fd, lock_file)
-    except BlockingIOError:
+        got = _lock(fd, lock_file, blocking=False) and _still_named(fd, lock_file)
+    except _NoLocks:
         got = False
     if not got:
         os.close(fd)
@@ -221,6 +224,24 @@ def try_exclusive(lock_file: Path) -> Iterator[bool]:
         yield True
     finally:
         _release(fd, lock_file)
+
+
+class _NoLocks(Exception):
+    pass
+
+
+def _lock(fd: int, lock_file: Path, *, blocking: bool) -> bool:
+    """Whether ``flock`` took the lock (False: held elsewhere, only when not ``blocking``)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            warn(f"cannot lock {lock_file} ({e.strerror}); concurrent builds here are not kept apart")
+            raise _NoLocks from None
+        raise UsageError(f"cannot lock {lock_file}: {e.strerror or e}") from None
+    return True
 
 
 def _open_lock(lock_file: Path) -> int:
