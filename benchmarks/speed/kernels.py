@@ -3,9 +3,11 @@
     python benchmarks/speed/kernels.py [--batch 256] [--rounds 5]
 
 Prints milliseconds (median over interleaved rounds) for the Keras example CNN's first layer
-(conv 3x3 -> max-pool 2 -> ReLU, forward and backward) and second pooling, and for a whole SupCon
-training step of the Keras example's CNN (batch of CIFAR-sized random images, bf16 autocast, Adam), each with
-the kernels and with PyTorch's ops, and the speed-up.
+(conv 3x3 -> max-pool 2 -> ReLU, forward and backward), its second pooling, its second layer in
+float32 (Winograd conv 3x3 -> max-pool 2 -> ReLU against oneDNN's convolution and PyTorch's
+pooling), and a whole SupCon training step of the Keras example's CNN (batch of CIFAR-sized random
+images, ``precision: auto`` as a run resolves it, Adam), each with the kernels and with PyTorch's
+ops, and the speed-up.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def main() -> None:
     g1 = torch.randn(n, 32, 14, 14).bfloat16().contiguous(memory_format=torch.channels_last)
     act2 = torch.randn(n, 64, 12, 12).bfloat16().contiguous(memory_format=torch.channels_last)
     g2 = torch.randn(n, 64, 6, 6).bfloat16().contiguous(memory_format=torch.channels_last)
+    conv2 = torch.nn.Conv2d(32, 64, 3)
+    x2 = torch.randn(n, 32, 14, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g3 = torch.randn(n, 64, 6, 6).contiguous(memory_format=torch.channels_last)
 
     def layer1(fn, backward):
         def run():
@@ -75,6 +80,12 @@ def main() -> None:
             y = fn(x)
             if backward:
                 y.backward(g2)
+
+        return run
+
+    def layer2(fn):
+        def run():
+            fn(x2, conv2).backward(g3)
 
         return run
 
@@ -104,10 +115,16 @@ def main() -> None:
             layer1(plain_conv_pool, True),
         ),
         "pool + ReLU after conv2, fwd + bwd": (pool2(kernels.max_pool2_relu, True), pool2(plain_pool, True)),
+        "conv2 + pool + ReLU in float32, fwd + bwd": (
+            layer2(kernels.winograd_conv3x3_pool2_relu),
+            layer2(plain_conv_pool),
+        ),
         "SupCon training step (Keras example CNN)": (train_step("fused"), train_step("plain")),
     }
-    kernel_fns = (encoders.max_pool2_relu, encoders.conv3x3_pool2_relu)
-    torch_fns = (plain_pool, plain_conv_pool)
+    # The encoder calls these two module-level names (conv2's falls back to the fused pooling, or
+    # PyTorch's, under autocast): the step swaps them for the variant being timed.
+    kernel_fns = (encoders.conv3x3_pool2_relu, encoders.winograd_conv3x3_pool2_relu)
+    torch_fns = (plain_conv_pool, plain_conv_pool)
     print(f"\nbatch {n}, median of {args.rounds} interleaved rounds of {args.reps} calls\n")
     print("| what | supcon kernels | PyTorch ops | speed-up |")
     print("|---|---|---|---|")
@@ -115,12 +132,11 @@ def main() -> None:
         times = {"fused": [], "plain": []}
         for _ in range(args.rounds):
             for name, fn in (("fused", fused), ("plain", plain)):
-                # The encoder calls the module-level names: point them at the variant being timed.
-                encoders.max_pool2_relu, encoders.conv3x3_pool2_relu = (
+                encoders.conv3x3_pool2_relu, encoders.winograd_conv3x3_pool2_relu = (
                     kernel_fns if name == "fused" else torch_fns
                 )
                 times[name].append(time_fn(fn, args.reps))
-        encoders.max_pool2_relu, encoders.conv3x3_pool2_relu = kernel_fns
+        encoders.conv3x3_pool2_relu, encoders.winograd_conv3x3_pool2_relu = kernel_fns
         f, p = statistics.median(times["fused"]), statistics.median(times["plain"])
         print(f"| {what} | {f:.2f} ms | {p:.2f} ms | {p / f:.2f}x |")
 
