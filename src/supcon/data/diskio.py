@@ -20,6 +20,7 @@ import fcntl
 import os
 import stat
 import sys
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,7 +138,8 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         raise UsageError(f"no home folder for the cache ({one_line(e)}); set SUPCON_DATA") from None
     if not home.is_dir():
         raise UsageError(
-            f"the home folder {home} does not exist, so the cache ~/.cache/supcon cannot be made there; "
+            f"the home folder {home} does not exist (or is not a folder), so the cache ~/.cache/supcon "
+            "cannot be made there; "
             "set SUPCON_DATA to a writable folder"
         )
     return default_root()
@@ -148,8 +150,8 @@ def make_folder(folder: Path, what: str = "the data cache folder") -> Path:
     (a parent that is a file, no permission, a read-only file system)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test.{os.getpid()}"
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)  # a unique name, no clash
+        os.close(fd)
         os.unlink(probe)
     except OSError as e:
         raise UsageError(
