@@ -124,3 +124,32 @@ def test_checkpoint_metadata_is_checked(tmp_path, key, value, match):
     assert "ce-e0001.pt" in str(e.value)
     with pytest.raises(UsageError, match="not a supcon checkpoint"):
         check_checkpoint([1, 2], tmp_path / "x.pt", "ce", 5)
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left" })',
+         "No space left on device"),
+        ("Error while serializing: I/O error: Disk quota exceeded (os error 122)", "Disk quota exceeded"),
+    ],
+)  # fmt: skip
+def test_a_full_disk_while_saving_weights_keeps_the_previous_file(tmp_path, monkeypatch, text, reason):
+    from safetensors import SafetensorError
+
+    from supcon.core.checkpoint import save_weights
+
+    net = torch.nn.Linear(2, 2)
+    save_weights(net, tmp_path / "ce.safetensors")
+    before = (tmp_path / "ce.safetensors").read_bytes()
+
+    def full(tensors, tmp, metadata=None):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise SafetensorError(text)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", full)
+    with pytest.raises(UsageError, match=f"cannot write .*ce.safetensors: {reason}$"):
+        save_weights(net, tmp_path / "ce.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["ce.safetensors"]
+    assert (tmp_path / "ce.safetensors").read_bytes() == before

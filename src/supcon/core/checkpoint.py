@@ -7,7 +7,6 @@ Ctrl-C mid-write never leaves a truncated checkpoint behind.
 from __future__ import annotations
 
 import glob
-import os
 import pickle
 import re
 from pathlib import Path
@@ -28,32 +27,13 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep: int = 2, *, locked:
     holds the run folder's lock) all of them are.
     """
     remove_stale_temps(path.parent, "*.pt", all_dead=locked)
-    atomic_write(path, lambda tmp: _torch_save(state, tmp))
+    # A full disk makes torch.save raise RuntimeError("[enforce fail at inline_container.cc] ...
+    # unexpected pos"); atomic_write reports it as the file system error it is.
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     match = _EPOCH_FILE.match(path.name)
     if keep > 0 and match:
         for p in _checkpoints(path.parent, match["stem"])[:-keep]:
             p.unlink(missing_ok=True)
-
-
-def _torch_save(state: dict[str, Any], tmp: str) -> None:
-    """``torch.save`` whose write failures are ``OSError``: on a full disk PyTorch's zip writer raises
-    ``RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos``, which names neither
-    the file nor the reason; ``atomic_write`` then removes the temporary file and says both."""
-    import errno
-    import shutil
-
-    try:
-        torch.save(state, tmp)
-    except RuntimeError as e:
-        text = str(e)
-        if "inline_container" not in text and "write" not in text.lower() and "pos" not in text:
-            raise
-        try:
-            full = shutil.disk_usage(Path(tmp).parent).free < (1 << 20)
-        except OSError:
-            full = False
-        code = errno.ENOSPC if full or "unexpected pos" in text else errno.EIO
-        raise OSError(code, os.strerror(code)) from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -6,7 +6,10 @@ A crash or Ctrl-C mid-write never leaves a truncated checkpoint, weight file or 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +43,7 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         # The writer's pid in the name: remove_stale_temps can tell a dead writer's leftover.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
         os.close(fd)
-        write(tmp)
+        _call_writer(write, tmp)
         os.chmod(tmp, umask_mode(0o666))
         _fsync(tmp)  # the data is on disk before the rename makes it the file (a power loss)
         os.replace(tmp, path)
@@ -51,6 +54,38 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     except BaseException:
         _remove(tmp)
         raise
+
+
+# How writers that are not Python file objects report a file system error: Rust's io::Error in
+# safetensors ("IoError(Os { code: 28, ... })", "(os error 28)").
+_ERRNO_IN_TEXT = re.compile(r"(?:os error |Os \{ code: )(\d+)")
+
+
+def _call_writer(write: Callable[[str], object], tmp: str) -> None:
+    """``write(tmp)`` with the write failures of libraries that do not raise ``OSError`` turned into
+    one: PyTorch's zip writer on a full disk raises ``RuntimeError: [enforce fail at
+    inline_container.cc] ... unexpected pos``, safetensors a ``SafetensorError`` holding the errno."""
+    try:
+        write(tmp)
+    except OSError:
+        raise
+    except Exception as e:
+        text = str(e)
+        match = _ERRNO_IN_TEXT.search(text)
+        if match:
+            code = int(match[1])
+        elif "inline_container" in text and ("unexpected pos" in text or "write" in text.lower()):
+            code = errno.ENOSPC if "unexpected pos" in text or _nearly_full(tmp) else errno.EIO
+        else:
+            raise
+        raise OSError(code, os.strerror(code)) from None
+
+
+def _nearly_full(tmp: str) -> bool:
+    try:
+        return shutil.disk_usage(os.path.dirname(tmp) or ".").free < (1 << 20)
+    except OSError:
+        return False
 
 
 def check_regular_output(path: Path) -> None:
