@@ -50,6 +50,8 @@ VARIANTS = [
     ("model.feature_dim", 0, "model.feature_dim must be at least 1"),
     ("model.feature_dim", 65536, "GiB"),
     ("model", [1], "model must be a mapping"),
+    ("model.blocks", [1, 1, 1, 1, 1, 1], "model.blocks must be 1 to 4"),
+    ("model.encoder", "no-such-net", "no-such-net"),
     ("format", 7, "format must be one of 1"),
 ]
 

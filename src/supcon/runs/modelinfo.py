@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
-from supcon.core.config import MAX_IMAGE_SIZE, Config, check_memory, from_dict, read_config_file
+from supcon.core.config import MAX_IMAGE_SIZE, Config, from_dict, read_config_file, validate
 from supcon.core.errors import UsageError
 from supcon.core.files import atomic_write
 from supcon.core.schema import check_value, field, load_json, number_list, read_text
 from supcon.data.dataset import ImageDataset
 from supcon.data.imageset import storage_side
+from supcon.models.encoders import ENCODERS
 from supcon.models.resnet import resolve_stem
 
 MODEL_INFO = "model.json"
@@ -97,10 +98,12 @@ def check_model_info(info: Any, source: str) -> dict[str, Any]:
         number_list(norm, "normalization.std", source, channels, gt=0)
     _check_preprocess(field(info, "preprocess", "mapping", source), size, source)
     cfg = from_dict({"model": field(info, "model", "mapping", source)}, source)
-    # Sizes from a file: estimate the weights before building them (one image a batch at inference).
+    # The rules that tie model fields together, and the weights' memory estimated before they are
+    # built (one image a batch at inference).
     cfg.data.image_size, cfg.linear.batch_size = size, 1
     try:
-        check_memory(cfg, ("linear",))
+        validate(cfg, ("linear",))
+        ENCODERS.get(cfg.model.encoder)
     except UsageError as e:
         raise UsageError(f"{source}: {e}") from None
     return info
