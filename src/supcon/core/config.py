@@ -78,9 +78,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     encoder: str = "keras-cnn"
-    feature_dim: int = _num(
-        128, ge=1, le=MAX_DIM
-    )  # output size of encoders with a final dense layer (keras-cnn)
+    # Output size of encoders with a final dense layer (keras-cnn).
+    feature_dim: int = _num(128, ge=1, le=MAX_DIM)
     width: int = _num(64, ge=1, le=4096)  # base width of ResNets
     blocks: list[int] | None = None  # blocks per ResNet stage (None = the standard depth)
     stem: Stem = "auto"  # ResNet stem; auto: imagenet (7x7 conv + max-pool) from 64 px, cifar below
@@ -112,9 +111,8 @@ class LossConfig:
     # BCL: L = bcl_alpha * logit-adjusted CE + bcl_beta * L_BCL (the paper's CIFAR-LT weights).
     bcl_alpha: float = _num(2.0, ge=0, le=MAX_FACTOR)
     bcl_beta: float = _num(0.6, ge=0, le=MAX_FACTOR)
-    logit_adjust_tau: float = _num(
-        1.0, ge=0, le=MAX_FACTOR
-    )  # prior's power in BCL's logit adjustment (0 = plain CE)
+    # The prior's power in BCL's logit adjustment (0 = plain CE).
+    logit_adjust_tau: float = _num(1.0, ge=0, le=MAX_FACTOR)
     # Multi-label data (a labels column): positives weighted by label-set overlap (jaccard) or any
     # shared label counted as a positive (any); see supcon.losses.supcon.
     multilabel: MultiLabelRule = "jaccard"
@@ -135,9 +133,8 @@ class PhaseConfig:
     augment: Augment = "none"  # supcon: crop, flip, colour jitter, grayscale; crop-flip: the light one
     views: int = _num(1, ge=1, le=64)
     finetune: bool = False  # linear phase only: train the encoder too (full fine-tuning), not a probe
-    backbone_lr_scale: float = _num(
-        1.0, gt=0, le=MAX_FACTOR
-    )  # the encoder learns at lr * this, the heads at lr
+    # The encoder learns at lr * this, the heads at lr.
+    backbone_lr_scale: float = _num(1.0, gt=0, le=MAX_FACTOR)
     freeze_bn: bool = False  # encoder BatchNorm: running statistics and affine parameters frozen
     freeze_stages: int = _num(0, ge=0, lt=6)  # ResNet: n > 0 freezes the stem and the first n-1 stages
 
