@@ -156,9 +156,8 @@ class Config:
     knn_k: int = _num(200, ge=1, le=MAX_COUNT)
     knn_temperature: float = _num(0.1, gt=0, le=MAX_FACTOR)
     keep_checkpoints: int = _num(2, ge=0, le=MAX_COUNT)  # 0 keeps all
-    checkpoint_every: int = _num(
-        1, ge=1, le=MAX_COUNT
-    )  # epochs between checkpoints (the last epoch always saves)
+    # Epochs between checkpoints (the last epoch always saves).
+    checkpoint_every: int = _num(1, ge=1, le=MAX_COUNT)
     tensorboard: bool = False  # per-epoch records also as TensorBoard scalars in RUN/tensorboard/
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
