@@ -130,3 +130,19 @@ def test_pretrain_resume_on_a_train_ce_run_changes_nothing(tmp_path):
     with pytest.raises(UsageError, match="train-ce run"):
         supcon.run("pretrain", out=run, resume=True, progress=False)
     assert _snapshot(run) == before
+
+
+def test_a_fifo_named_lock_neither_blocks_nor_is_replaced(tmp_path):
+    import os
+
+    from supcon.runs.lock import RunLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    os.mkfifo(out / ".lock")
+    with RunLock(out):  # would block forever writing the holder into a FIFO
+        pass
+    assert (out / ".lock").exists()  # not this process's file: left alone
+    (out / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match="not a supcon run folder"):
+        check_run_dir(out, overwrite=True, resume=False)

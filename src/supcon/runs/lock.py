@@ -26,11 +26,13 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
 
 from supcon.core.errors import UsageError
+from supcon.core.schema import load_json, read_text
 
 LOCK_FILE = ".lock"
 
@@ -41,6 +43,7 @@ class RunLock:
     def __init__(self, run_dir: str | os.PathLike[str]):
         self.run_dir = Path(run_dir)
         self._fd: int | None = None
+        self._wrote = False
 
     @property
     def held(self) -> bool:
@@ -71,16 +74,17 @@ class RunLock:
                 "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                 "command": " ".join([os.path.basename(sys.argv[0]) or "python", *sys.argv[1:]]),
             }
-            (self.run_dir / LOCK_FILE).write_text(json.dumps(info) + "\n")
+            self._wrote = _write_holder(self.run_dir / LOCK_FILE, json.dumps(info) + "\n")
         return self
 
     def release(self) -> None:
         if self._fd is None:
             return
-        with contextlib.suppress(OSError):
-            (self.run_dir / LOCK_FILE).unlink()
+        if self._wrote:  # never remove a .lock that is not the file this process wrote
+            with contextlib.suppress(OSError):
+                (self.run_dir / LOCK_FILE).unlink()
         os.close(self._fd)  # closing the only descriptor drops the flock
-        self._fd = None
+        self._fd, self._wrote = None, False
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -89,11 +93,26 @@ class RunLock:
         self.release()
 
 
+def _write_holder(path: Path, text: str) -> bool:
+    """Write ``.lock`` only if it is (or becomes) a regular file: a FIFO put there would block the
+    write, a link would write elsewhere."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, text.encode())
+        return True
+    finally:
+        os.close(fd)
+
+
 def _holder(run_dir: Path) -> str:
     try:
-        info = json.loads((run_dir / LOCK_FILE).read_text())
-        return f"pid {info['pid']} on {info['host']} since {info['since']} ({info['command']})"
-    except (OSError, ValueError, KeyError, TypeError):
+        info = load_json(read_text(run_dir / LOCK_FILE, LOCK_FILE, max_bytes=1 << 16), LOCK_FILE)
+        text = f"pid {info['pid']} on {info['host']} since {info['since']} ({info['command']})"
+        return text if len(text) <= 300 else text[:297] + "..."  # a .lock file may be anyone's
+    except (UsageError, KeyError, TypeError):
         return "another process (no readable .lock file)"
 
 
