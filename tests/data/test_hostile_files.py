@@ -253,3 +253,16 @@ def test_a_path_with_control_characters_or_of_any_length_is_named_on_one_bounded
         read_manifest(_csv(tmp_path, [*_base_rows(), f"{name},ant,train"]))
     msg = _one_line(e)
     assert "(line 14)" in msg and "\r" not in msg and "\x1b" not in msg and len(msg) < 800
+
+
+def test_a_fifo_in_place_of_the_decode_cache_is_not_read(tmp_path):
+    from supcon.data.imagefolder import _cache_file
+
+    m = read_manifest(_photos(tmp_path / "p"))
+    args = (m.root, m.classes, m.train, m.train_y, m.test, m.test_y)
+    cache = _cache_file(m.root, tmp_path / "c", 16, m.train + m.test, np.concatenate([m.train_y, m.test_y]))
+    cache.parent.mkdir(parents=True)
+    os.mkfifo(cache)
+    with _deadline():
+        x_train, *_ = decode_files(*args, image_size=16, cache_dir=tmp_path / "c", progress=False, workers=1)
+    assert len(x_train) == len(m.train)

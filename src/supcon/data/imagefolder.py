@@ -24,7 +24,7 @@ import numpy as np
 from supcon.core.errors import UsageError
 from supcon.core.files import atomic_write
 from supcon.data.dataset import Arrays
-from supcon.data.diskio import cache_root, warn
+from supcon.data.diskio import cache_root, open_regular, warn
 from supcon.data.files import (
     ImageFile,
     first_line,
@@ -116,8 +116,9 @@ def _cache_file(
 
 def _read_cache(file: Path, classes: list[str]) -> Arrays | None:
     try:
-        # Our own handle: np.load leaks the one it opens when the file is not a valid archive.
-        with open(file, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+        # Our own handle: np.load leaks the one it opens when the file is not a valid archive. Regular
+        # files only (UsageError is a ValueError): a FIFO in the cache would block the read.
+        with open_regular(file, "decode cache") as fh, np.load(fh, allow_pickle=False) as z:
             x_train, y_train, x_test, y_test = (z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
             cached_classes = [str(c) for c in z["classes"]]
     except FileNotFoundError:
