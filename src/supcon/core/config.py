@@ -123,7 +123,7 @@ class PhaseConfig:
     epochs: int = _num(50, ge=1, le=MAX_COUNT)
     batch_size: int = _num(256, ge=1, le=MAX_COUNT)
     optimizer: str = "adam"
-    lr: float = _num(1e-3, gt=0, le=MAX_FACTOR)
+    lr: float = _num(1e-3, gt=0)  # any finite value: a huge one diverges, said in one line
     weight_decay: float = _num(0.0, ge=0, le=MAX_FACTOR)
     momentum: float = _num(0.9, ge=0, lt=1)
     eps: float = _num(1e-7, gt=0, le=1.0)  # Keras' Adam epsilon
@@ -332,7 +332,7 @@ def _check_fields(obj: Any, prefix: str = "") -> None:
 
 
 def _bound(x: float) -> str:
-    return f"{x:,}".replace(",", "_") if float(x).is_integer() and abs(x) >= 1e5 else f"{x:g}"
+    return f"{int(x):_}" if float(x).is_integer() and abs(x) >= 1e5 else f"{x:g}"
 
 
 def _check_range(key: str, value: float, meta: Any) -> None:
