@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from supcon.commands import COMMANDS, TOOLS
 from supcon.core.config import Method, Precision, choices, preset_names
 from supcon.core.errors import UsageError
+from supcon.core.schema import short
 from supcon.serve.options import EMBED_SPACES, EXPORT_FORMATS, EXPORT_SPACES, PROJECTOR_COUNT, SPLITS
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {short(text)}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
@@ -46,7 +47,7 @@ def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {short(text)}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
@@ -200,6 +201,8 @@ TOOL_ARGUMENTS = {"embed": _embed_arguments, "export": _export_arguments}
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, as for every other bad input
+        if len(message) > 400:  # argparse quotes the argument whole: a 100 kB argument stays out
+            message = message[:200] + " ... " + message[-150:]
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
 

@@ -18,6 +18,7 @@ from typing import Any
 from supcon.commands import COMMANDS
 from supcon.core.config import Config, load_preset, set_value, set_values
 from supcon.core.errors import UsageError
+from supcon.core.schema import short
 from supcon.core.stop import StopFlag
 from supcon.experiments import evaluate_folder, report_failure
 from supcon.runs.folder import check_inputs_outside, default_run_dir, read_config
@@ -88,7 +89,7 @@ def for_seed(req: Request, seed: int, folder: Path | None = None, resume: bool |
 def check(req: Request) -> Request:
     """``req`` with its command checked and its run folder decided."""
     if req.command not in COMMANDS:
-        raise UsageError(f"unknown command {req.command!r}; choose one of: {', '.join(COMMANDS)}")
+        raise UsageError(f"unknown command {short(req.command)}; choose one of: {', '.join(COMMANDS)}")
     spec = COMMANDS[req.command]
     if spec.needs_from and req.from_dir is None:
         raise UsageError(f"{req.command} needs --from DIR (a finished run folder)")

@@ -153,3 +153,15 @@ def test_huge_numbers_and_strings_are_one_line(assignment):
     with pytest.raises(UsageError) as e:
         set_value(Config(), assignment)
     assert len(str(e.value)) < 200
+
+
+def test_names_from_the_command_line_are_printed_cut(capsys):
+    from supcon.cli import main
+
+    huge = "x" * 100_000
+    for args in (["train-ce", "--epochs", huge], ["train-ce", "--lr", huge], ["train-ce", "--encoder", huge],
+                 ["export", "--from", "r", "--format", "onnx", "--space", huge]):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and len(err) < 600, err[:300]

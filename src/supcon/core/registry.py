@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from supcon.core.errors import UsageError
+from supcon.core.schema import short
 
 T = TypeVar("T")
 
@@ -57,11 +58,11 @@ class Registry(Generic[T]):
         if sep and prefix in self._families:
             fn, check = self._families[prefix]
             if not rest:
-                raise UsageError(f"{self.kind} {name!r}: name the model after '{prefix}:'")
+                raise UsageError(f"{self.kind} {short(name)}: name the model after '{prefix}:'")
             if check is not None:
                 check(rest)
             return functools.partial(fn, rest)
-        raise UsageError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
+        raise UsageError(f"unknown {self.kind} {short(name)}; choose one of: {', '.join(self.names())}")
 
     def __contains__(self, name: str) -> bool:
         prefix, sep, rest = name.partition(":")

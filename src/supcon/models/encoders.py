@@ -20,6 +20,7 @@ from torch import nn
 
 from supcon.core.errors import UsageError
 from supcon.core.registry import ENCODERS, register_encoder, register_encoder_family
+from supcon.core.schema import short
 from supcon.models.keras_cnn import KerasCNN, keras_init_
 
 __all__ = ["ENCODERS", "KerasCNN", "TimmEncoder", "build_encoder", "keras_init_", "register_encoder"]
@@ -67,7 +68,7 @@ class TimmEncoder(nn.Module):
                 model = None
             model = model if model is not None else timm.create_model(name, **kwargs)
         except RuntimeError as e:  # timm's "Unknown model"
-            raise UsageError(f"timm encoder {name!r}: {e}") from None
+            raise UsageError(f"timm encoder {short(name)}: {str(e)[:200]}") from None
         self.model = model
         self.feature_dim = int(model.num_features)
 

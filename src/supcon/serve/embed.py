@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from supcon.core.errors import UsageError
 from supcon.core.files import atomic_write, check_regular_output
+from supcon.core.schema import short
 from supcon.data.dataset import ImageDataset
 from supcon.data.datasets import load_dataset
 from supcon.serve.inference import TrainedModel, load
@@ -49,7 +50,7 @@ def check_output(out: Path, overwrite: bool) -> str:
     """The format of ``out`` by its extension; refuses an existing file without ``overwrite``."""
     fmt = out.suffix.lower()
     if fmt not in EMBED_FORMATS:
-        raise UsageError(f"unknown output format {out.name!r}: name the file .npz (numpy) or .parquet")
+        raise UsageError(f"unknown output format {short(out.name)}: name the file .npz (numpy) or .parquet")
     if fmt == ".parquet" and importlib.util.find_spec("pyarrow") is None:
         raise UsageError("writing .parquet needs pyarrow: pip install 'supcon[parquet]' (or write .npz)")
     check_regular_output(out)  # a device node or FIFO is never replaced, --overwrite or not
@@ -276,9 +277,9 @@ def embed_run(
 
     run_dir, out = Path(run_dir), Path(out)
     if split not in SPLITS:
-        raise UsageError(f"split must be one of: {', '.join(SPLITS)}; got {split!r}")
+        raise UsageError(f"split must be one of: {', '.join(SPLITS)}; got {short(split)}")
     if space not in ("encoder", "projection"):
-        raise UsageError(f"space must be encoder or projection, got {space!r}")
+        raise UsageError(f"space must be encoder or projection, got {short(space)}")
     if batch_size < 1 or projector_count < 1:
         raise UsageError("the batch size and the projector count must be positive")
     fmt = check_output(out, overwrite)

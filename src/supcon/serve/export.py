@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from supcon.core.errors import UsageError
 from supcon.core.files import atomic_write, check_regular_output
+from supcon.core.schema import short
 from supcon.data.dataset import Normalize
 from supcon.serve.inference import TrainedModel, load
 from supcon.serve.options import EXPORT_FORMATS, EXPORT_SPACES
@@ -159,9 +160,9 @@ def export_run(run_dir: str | Path, fmt: str, space: str = "encoder", out: str |
     """Export the ``space`` network of a run folder as ``fmt`` (torchscript, onnx or safetensors) to
     ``out`` (default ``RUN/export/<space><ext>``) and its sidecar ``<out>.json``. Returns ``out``."""
     if fmt not in EXPORT_FORMATS:
-        raise UsageError(f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
+        raise UsageError(f"unknown export format {short(fmt)}; choose one of: {', '.join(EXPORT_FORMATS)}")
     if space not in EXPORT_SPACES:
-        raise UsageError(f"unknown space {space!r}; choose one of: {', '.join(EXPORT_SPACES)}")
+        raise UsageError(f"unknown space {short(space)}; choose one of: {', '.join(EXPORT_SPACES)}")
     if fmt == "onnx" and any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxscript")):
         raise UsageError("ONNX export needs onnx and onnxscript: pip install 'supcon[onnx]'")
     run_dir = Path(run_dir)

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from supcon.core.config import from_dict
 from supcon.core.errors import UsageError
 from supcon.core.runtime import resolve_runtime
+from supcon.core.schema import short
 from supcon.data.dataset import ImageDataset, Normalize
 from supcon.evaluation.evaluate import eval_mode
 from supcon.models.build import load_phase_model
@@ -47,7 +48,7 @@ def _pick(
     if wanted is None:
         return next((p for p in order if p in found), None)
     if wanted not in order:
-        raise UsageError(f"{what} must come from one of: {', '.join(order)}; got {wanted!r}")
+        raise UsageError(f"{what} must come from one of: {', '.join(order)}; got {short(wanted)}")
     if wanted not in found:
         raise UsageError(f"{run_dir} has no {wanted} weights (weights/{wanted}.safetensors)")
     return wanted
@@ -119,7 +120,7 @@ class TrainedModel:
                     f"{self.run_dir} has no classifier (weights/linear.safetensors or ce.safetensors)"
                 )
             return self._models[self.classifier_phase]
-        raise UsageError(f"unknown space {space!r}; choose encoder, projection or classifier")
+        raise UsageError(f"unknown space {short(space)}; choose encoder, projection or classifier")
 
     @torch.inference_mode()
     def outputs(self, x: torch.Tensor, space: str) -> torch.Tensor:
@@ -144,7 +145,7 @@ class TrainedModel:
         """Embeddings float32 [N, D] of ``images`` (see :meth:`batches`): the encoder's features or the
         projection head's output, L2-normalised unless ``normalize=False``."""
         if space not in ("encoder", "projection"):
-            raise UsageError(f"space must be encoder or projection, got {space!r}")
+            raise UsageError(f"space must be encoder or projection, got {short(space)}")
         z = self._run(images, space, batch_size)
         return (F.normalize(z, dim=1) if normalize else z).numpy()
 

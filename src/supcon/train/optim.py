@@ -24,6 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from supcon.core.config import PhaseConfig
 from supcon.core.errors import UsageError
 from supcon.core.registry import Registry
+from supcon.core.schema import short
 from supcon.models.build import Freeze, freeze_encoder
 
 ParamsLike = nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -270,7 +271,7 @@ def build_scheduler(
     ``total_steps``, mirrors SupContrast's decay at epochs 700, 800, 900 of 1000.
     """
     if name not in SCHEDULES:
-        raise UsageError(f"unknown lr schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
+        raise UsageError(f"unknown lr schedule {short(name)}; choose one of: {', '.join(SCHEDULES)}")
     if total_steps < 1 or warmup_steps < 0:
         raise UsageError(f"need total_steps >= 1 and warmup_steps >= 0, got {total_steps}, {warmup_steps}")
     if not 0.0 <= min_lr_ratio <= 1.0:
