@@ -1,10 +1,10 @@
 """Every output replaces only a regular file: a device node, FIFO, socket or folder is refused."""
 
 import os
-import socket
 
 import pytest
 
+from _files import KINDS, make_special  # tests/ is on sys.path under pytest
 from supcon.core.errors import UsageError
 from supcon.core.files import atomic_write, check_regular_output
 
@@ -15,23 +15,12 @@ def _write(tmp):
 
 
 def _special(tmp_path, kind):
-    path = tmp_path / f"out-{kind}"
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "dir":
-        path.mkdir()
-    elif kind == "socket":
-        s = socket.socket(socket.AF_UNIX)
-        s.bind(str(path))
-        s.close()
-    elif kind == "link-to-device":
-        path.symlink_to("/dev/null")
-    else:
+    if kind == "device node":
         return "/dev/null"
-    return path
+    return make_special(tmp_path / f"out-{kind}", kind)
 
 
-@pytest.mark.parametrize("kind", ["fifo", "dir", "socket", "link-to-device", "device"])
+@pytest.mark.parametrize("kind", [*KINDS, "device node"])
 def test_special_files_are_never_replaced(tmp_path, kind):
     path = _special(tmp_path, kind)
     with pytest.raises(UsageError, match="not a regular file") as e:

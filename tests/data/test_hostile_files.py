@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import tarfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _files import KINDS, make_special  # tests/ is on sys.path under pytest
 from supcon.core.errors import UsageError
 from supcon.data import store as store_mod
 from supcon.data.archives import open_tar
@@ -74,24 +74,10 @@ def _one_line(excinfo) -> str:
 # --------------------------------------------------------------------------- special files
 
 
-def _special(path: Path, what: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if what == "fifo":
-        os.mkfifo(path)
-    elif what == "folder":
-        path.mkdir()
-    elif what == "socket":
-        s = socket.socket(socket.AF_UNIX)
-        s.bind(str(path))
-        s.close()
-    elif what == "device":
-        path.symlink_to("/dev/zero")
-
-
-@pytest.mark.parametrize("what", ["fifo", "folder", "socket", "device"])
+@pytest.mark.parametrize("what", KINDS)
 def test_a_manifest_row_naming_a_special_file_is_refused_naming_the_row(tmp_path, what):
     csv = _csv(tmp_path, [*_base_rows(), "p/ant/odd.png,ant,train"])
-    _special(tmp_path / "p" / "ant" / "odd.png", what)
+    make_special(tmp_path / "p" / "ant" / "odd.png", what, device="/dev/zero")
     with _deadline(), pytest.raises(UsageError) as e:
         read_manifest(csv)
     msg = _one_line(e)
