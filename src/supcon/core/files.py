@@ -5,6 +5,7 @@ A crash or Ctrl-C mid-write never leaves a truncated checkpoint, weight file or 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import os
@@ -122,9 +123,40 @@ def _fsync(path: str | Path, folder: bool = False) -> None:
 
 def default_root() -> Path:
     """The cache folder (downloads, decoded images, compiled kernels): ``$SUPCON_DATA`` if set, else
-    ``~/.cache/supcon``."""
+    ``~/.cache/supcon``. Nothing is created here, and a home folder that does not exist is refused
+    (:func:`existing_home`): a wrong ``$HOME`` must not leave folders at the root of the file system."""
     env = os.environ.get("SUPCON_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "supcon"
+    return Path(env).expanduser() if env else existing_home() / ".cache" / "supcon"
+
+
+def existing_home() -> Path:
+    """The home folder, which must exist: else one line saying to set ``SUPCON_DATA``."""
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError) as e:  # no $HOME and no password entry
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UsageError(f"no home folder for the cache ({reason}); set SUPCON_DATA") from None
+    if not home.is_dir():
+        raise UsageError(
+            f"the home folder {home} does not exist (or is not a folder), so the cache ~/.cache/supcon "
+            "cannot be made there; set SUPCON_DATA to a writable folder"
+        )
+    return home
+
+
+def matplotlib_outside_missing_home() -> None:
+    """Process side effect: point ``MPLCONFIGDIR`` at a new private temporary folder (removed at exit)
+    when the home folder does not exist and ``MPLCONFIGDIR`` is unset. Call it before matplotlib is
+    imported: matplotlib creates ``~/.cache/matplotlib`` and ``~/.config/matplotlib`` itself, missing
+    home folder and all, and a wrong ``$HOME`` must not leave folders at the root of the file system."""
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    try:
+        existing_home()
+    except UsageError:
+        folder = tempfile.mkdtemp(prefix="supcon-matplotlib-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ["MPLCONFIGDIR"] = folder
 
 
 def _remove(tmp: str | None) -> None:

@@ -125,23 +125,10 @@ def same_files(files: list[tuple[str, str, int, int]]) -> list[list[int]]:
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The cache folder: ``cache_dir``, else ``$SUPCON_DATA``, else ``~/.cache/supcon``. Nothing is
-    created here; a home folder that does not exist is refused rather than made (a wrong ``$HOME``
-    must not leave folders at the root of the file system)."""
+    """The cache folder: ``cache_dir``, else :func:`supcon.core.files.default_root` (``$SUPCON_DATA``,
+    else ``~/.cache/supcon``, refused when the home folder does not exist). Nothing is created here."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    if os.environ.get("SUPCON_DATA"):
-        return default_root()
-    try:
-        home = Path.home()
-    except (RuntimeError, KeyError) as e:  # no $HOME and no password entry
-        raise UsageError(f"no home folder for the cache ({one_line(e)}); set SUPCON_DATA") from None
-    if not home.is_dir():
-        raise UsageError(
-            f"the home folder {home} does not exist (or is not a folder), so the cache ~/.cache/supcon "
-            "cannot be made there; "
-            "set SUPCON_DATA to a writable folder"
-        )
     return default_root()
 
 

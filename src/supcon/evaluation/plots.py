@@ -8,7 +8,11 @@ from __future__ import annotations
 import unicodedata
 from pathlib import Path
 
-import matplotlib
+from supcon.core.files import matplotlib_outside_missing_home
+
+# Before matplotlib's import: it would create ~/.cache and ~/.config under a home that does not exist.
+matplotlib_outside_missing_home()
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402

@@ -11,7 +11,8 @@
 They apply on the CPU to channels-last float32 tensors and under bf16 autocast; everywhere else
 (GPUs, other layouts and dtypes, no C compiler, or ``SUPCON_KERNELS=0``) these functions call
 PyTorch's ops. The shared library is compiled once per source/compiler/CPU into
-``<cache>/kernels/`` (the cache folder of ``supcon.core.files.default_root``) with ``$CC`` (else
+``<cache>/kernels/`` (the cache folder of ``supcon.core.files.default_root``; a private temporary
+folder when there is none, as under a missing home folder) with ``$CC`` (else
 ``cc``, ``gcc`` or ``clang``), ``-O3 -march=native -fopenmp`` (``-march=x86-64-v3`` when PyTorch
 itself is held to AVX2 with ``ATEN_CPU_CAPABILITY=avx2``); a failed build falls back to
 PyTorch's ops, and ``kernel_status()`` says why. A cached library is loaded only from a folder that
@@ -322,13 +323,8 @@ def _build() -> tuple[Path, str]:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise RuntimeError("no C compiler found (set CC)")
-    root, name = _cache_root(), _library_name(cc)
-    out_dir = root / "kernels"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        problem = _untrusted(out_dir, root)
-    except OSError as e:
-        problem = f"cache folder {out_dir} cannot be created ({e.strerror or e})"
+    name = _library_name(cc)
+    out_dir, problem = _cache_folder()
     if problem:
         # Never reuse anything from a shared folder: a fresh build in a folder only we can write.
         private = Path(tempfile.mkdtemp(prefix="supcon-kernels-"))
@@ -343,10 +339,24 @@ def _build() -> tuple[Path, str]:
     return out, ""
 
 
-def _cache_root() -> Path:
+def _cache_folder() -> tuple[Path, str]:
+    """``<cache>/kernels``, created private if missing, and why it must not be used (else "").
+
+    A cache that cannot be had (no home folder, which is never created; a folder that cannot be
+    made) is a reason like any other: the library is then built in a private temporary folder."""
+    from supcon.core.errors import UsageError
     from supcon.core.files import default_root
 
-    return default_root()
+    try:
+        root = default_root()
+    except UsageError as e:
+        return Path(), str(e)
+    out_dir = root / "kernels"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return out_dir, _untrusted(out_dir, root)
+    except OSError as e:
+        return out_dir, f"cache folder {out_dir} cannot be created ({e.strerror or e})"
 
 
 def _arch_flags() -> list[str]:
