@@ -1,5 +1,7 @@
 import json
+import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -8,7 +10,8 @@ from PIL import Image
 from torch.nn import functional as F
 
 import supcon
-from _trained import OVERRIDES, digits_test_images  # tests/ is on sys.path under pytest
+from _files import KINDS, make_special  # tests/ is on sys.path under pytest
+from _trained import OVERRIDES, digits_test_images
 from supcon.core.config import Config, set_values
 from supcon.core.errors import UsageError
 from supcon.core.runtime import resolve_runtime
@@ -143,10 +146,53 @@ def test_bad_run_folders_and_inputs_are_one_line_errors(run, tmp_path, model):
         m.embed(digits_test_images(1)[0], space="projection")
     with pytest.raises(UsageError, match="must be uint8"):
         model.embed(np.zeros((2, 16, 16, 3), np.float32))
-    with pytest.raises(UsageError, match="image not found"):
+    with pytest.raises(UsageError, match=r"cannot read image .*missing\.png: No such file"):
         model.embed(tmp_path / "missing.png")
     with pytest.raises(UsageError, match="no linear weights"):
         supcon.load(ce_only, classifier="linear")
+
+
+def _call_with_timeout(fn, fifo_path, seconds: float = 20.0):
+    """``fn()``'s exception (or None) from a thread; a call still blocked after ``seconds`` fails
+    the test, and a writer opened on ``fifo_path`` then lets the blocked read end."""
+    got = {}
+
+    def target():
+        try:
+            fn()
+        except BaseException as e:
+            got["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        os.close(os.open(fifo_path, os.O_WRONLY | os.O_NONBLOCK))  # unblock the reader
+        t.join(seconds)
+        pytest.fail(f"reading {fifo_path} blocked for {seconds} s")
+    return got.get("error")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_special_files_given_as_images_are_one_line_errors_not_a_hang(model, tmp_path, kind):
+    x, _ = digits_test_images(1)
+    good = tmp_path / "good.png"
+    Image.fromarray(x[0].numpy()).save(good)
+    bad = make_special(tmp_path / "special.png", kind)
+    fifo = tmp_path / "special.png" if kind == "fifo" else make_special(tmp_path / "f.fifo", "fifo")
+    what = "a FIFO" if kind == "fifo" else ("a folder" if kind == "folder" else "")
+    for call in (
+        lambda: model.embed(bad),
+        lambda: model.embed([good, str(bad)]),  # after a good image, as a string
+        lambda: model.predict([bad]),
+        lambda: model.predict_proba(bad, batch_size=1),
+    ):
+        error = _call_with_timeout(call, fifo)
+        assert isinstance(error, UsageError), repr(error)
+        text = str(error)
+        assert str(bad) in text and what in text and "\n" not in text
+        # A socket cannot even be opened (ENXIO): refused by the open, the others by their type.
+        assert ("not a regular file" in text) != (kind == "socket"), text
 
 
 def test_load_needs_no_dataset_when_model_json_exists(run, monkeypatch):

@@ -195,13 +195,17 @@ def _to_pil(item: Any):
     if isinstance(item, Image.Image):
         return item
     if isinstance(item, str | os.PathLike):
+        from supcon.data.files import open_image
+
         path = Path(item)
         try:
-            with Image.open(path) as im:
+            # Regular files only, opened non-blocking: a FIFO or device named here would block the
+            # read forever (and deaf to SIGTERM); it is one line instead.
+            with open_image(path) as im:
                 im.load()
                 return im
-        except FileNotFoundError:
-            raise UsageError(f"image not found: {path}") from None
+        except UsageError:
+            raise
         except Exception as e:  # Pillow raises many kinds
             raise UsageError(
                 f"cannot decode image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
