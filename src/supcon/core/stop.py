@@ -1,4 +1,6 @@
-"""Stopping cleanly: SIGINT/SIGTERM become a flag that the training loop checks between steps."""
+"""Stopping cleanly: SIGINT/SIGTERM become a flag that the training loop checks between steps, and
+that long work below the loop (building the image store) checks between its units through
+:func:`stop_requested`."""
 
 from __future__ import annotations
 
@@ -10,13 +12,23 @@ import torch
 
 from supcon.core import dist
 
+_ENTERED: list[StopFlag] = []  # the flags whose ``with`` block runs now, outermost first
+
 
 class Interrupted(Exception):
-    """Training stopped on SIGINT/SIGTERM (or ``--stop-after``) after saving a checkpoint."""
+    """Training stopped on SIGINT/SIGTERM (or ``--stop-after``) after saving a checkpoint, or an
+    image store build after its last finished chunk: ``checkpoint`` is where the progress is kept."""
 
     def __init__(self, checkpoint: Path):
         super().__init__(str(checkpoint))
         self.checkpoint = checkpoint
+
+
+def stop_requested() -> bool:
+    """Whether a stop was asked of a :class:`StopFlag` entered now. For work in lower layers that
+    runs long outside the training loop (an image store build can take hours) and is given no flag:
+    it asks between two units of work it can resume from, rather than holding the stop back."""
+    return any(flag.requested for flag in _ENTERED)
 
 
 class StopFlag:
@@ -36,6 +48,7 @@ class StopFlag:
         self._depth += 1
         if self._depth > 1:
             return self
+        _ENTERED.append(self)
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -53,6 +66,7 @@ class StopFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
+        _ENTERED.remove(self)
         return False
 
     def requested_anywhere(self, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -9,8 +9,10 @@ size of the dataset.
 Building is parallel (one thread a CPU), resumable and never trusted half-done: it writes into
 ``<store>.partial/``, records each finished chunk of images there, and only a complete store is
 renamed into place. A killed build continues from its finished chunks when the same data is asked
-for again. Stores are keyed like the decode cache (every file's path, size and mtime, the short
-side and a format version), so changed files are read again.
+for again; a stop request (Ctrl-C, SIGTERM: :func:`supcon.core.stop.stop_requested`) ends a build
+after the chunk in flight with :class:`~supcon.core.stop.Interrupted`, resumable the same way.
+Stores are keyed like the decode cache (every file's path, size and mtime, the short side and a
+format version), so changed files are read again.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from supcon.core.errors import UsageError
+from supcon.core.stop import Interrupted, stop_requested
 from supcon.data.diskio import (
     DiskFull,
     allocate,
@@ -237,6 +240,7 @@ def _fill(manifest: Manifest, short_side: int, partial: Path, *, progress: bool,
             done[chunk] = True
             _save_done(done_file, done)
             bar.update(n)
+            _stop_if_requested(partial)
     index = np.stack([offsets, out[:, 0], out[:, 1]], 1)
     np.save(partial / "index.npy.tmp.npy", index)
     meta = {"format": FORMAT_VERSION, "short_side": short_side, "images": len(files), "bytes": total}
@@ -325,8 +329,16 @@ def _source_shapes(files: list[ImageFile], partial: Path, n_workers: int, progre
                 raise UsageError(error)
             shapes[start : start + len(part)] = part
             bar.update(len(part))
+            _stop_if_requested(partial)
     np.save(cached, shapes)
     return shapes
+
+
+def _stop_if_requested(partial: Path) -> None:
+    """End the build at a chunk boundary when SIGINT/SIGTERM asked the command to stop: every chunk
+    recorded in ``partial`` is kept, and the next build of the same data continues from there."""
+    if stop_requested():
+        raise Interrupted(partial)
 
 
 def _shape_job(job):
