@@ -361,8 +361,8 @@ def test_compare_with_bcl_gives_the_bcl_classifier_row_and_eval_reloads_it(tmp_p
 
 
 def test_bcl_pretraining_step_waits_only_for_the_loops_reads(tmp_path, monkeypatch):
-    from test_step_syncs import STEPS, _epoch_syncs
+    from _syncs import STEPS, epoch_syncs
 
     overrides = {"loss.method": "bcl", "model.projection": "mlp", "pretrain.views": 2}
-    per_step, counts = _epoch_syncs(tmp_path, monkeypatch, "pretrain", overrides)
+    per_step, counts = epoch_syncs(tmp_path, monkeypatch, "pretrain", overrides)
     assert per_step <= 3 / STEPS + 1e-9, counts  # the loop: 2 running-loss reads + 1 epoch read

@@ -225,9 +225,9 @@ def test_joint_training_reports_and_saves_its_classifier(tmp_path):
 
 
 def test_queue_momentum_and_joint_steps_wait_for_nothing(tmp_path, monkeypatch, one_thread):
-    from test_step_syncs import _epoch_syncs
+    from _syncs import epoch_syncs
 
     overrides = {"loss.queue_size": 64, "loss.key_momentum": 0.9, "loss.method": "supcon+ce",
                  "model.feature_dim": 16}  # fmt: skip
-    per_step, counts = _epoch_syncs(tmp_path, monkeypatch, "pretrain", overrides)
+    per_step, counts = epoch_syncs(tmp_path, monkeypatch, "pretrain", overrides)
     assert per_step <= 0.2, counts  # only the loop's running-loss reads and the epoch end
