@@ -182,3 +182,13 @@ def test_real_timm_checkpoint_loads_into_the_timm_encoder(tmp_path):
     report = load_pretrained(enc, tmp_path / "r18.pth", verbose=False)
     assert report.dropped == ["fc.weight", "fc.bias"] and not report.missing
     assert torch.equal(enc.model.conv1.weight, src.conv1.weight)
+
+
+def test_every_built_in_encoder_is_registered_by_importing_the_encoders_module():
+    # A fresh process: nothing else (run folders, the driver) has imported the ResNets' module.
+    import subprocess
+    import sys
+
+    code = "from supcon.models.encoders import ENCODERS; print(' '.join(sorted(ENCODERS.names())))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert {"keras-cnn", "resnet18", "resnet50"} <= set(out.split())

@@ -21,6 +21,7 @@ from torch import nn
 from supcon.core.errors import UsageError
 from supcon.core.registry import ENCODERS, register_encoder, register_encoder_family
 from supcon.core.schema import short
+from supcon.models import resnet as _resnet  # noqa: F401  (registers the ResNets, as keras_cnn does the CNN)
 from supcon.models.keras_cnn import KerasCNN, keras_init_
 
 __all__ = ["ENCODERS", "KerasCNN", "TimmEncoder", "build_encoder", "keras_init_", "register_encoder"]
