@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from _files import KINDS, make_special  # tests/ is on sys.path under pytest
+from _files import KINDS, make_special, write_photos  # tests/ is on sys.path under pytest
 from supcon.core.errors import UsageError
 from supcon.data import store as store_mod
 from supcon.data.archives import open_tar
@@ -27,13 +26,7 @@ CLASSES = ("ant", "bee", "cow")
 
 
 def _photos(root: Path, per_class: int = 4) -> Path:
-    rng = np.random.default_rng(0)
-    for c in CLASSES:
-        for i in range(per_class):
-            path = root / c / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((rng.random((20 + i, 30, 3)) * 255).astype(np.uint8)).save(path)
-    return root
+    return write_photos(root, per_class, seed=0, sizes=(20, 60))
 
 
 def _csv(tmp_path: Path, lines: list[str], header: str = "path,label,split") -> Path:

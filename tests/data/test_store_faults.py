@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _files import write_photos  # tests/ is on sys.path under pytest
 from supcon.core.errors import UsageError
 from supcon.data import diskio
 from supcon.data import store as store_mod
@@ -27,14 +28,7 @@ CLASSES = ("ant", "bee", "cow")
 
 
 def _photos(root: Path, per_class: int = 4) -> Path:
-    rng = np.random.default_rng(1)
-    for c in CLASSES:
-        for i in range(per_class):
-            path = root / c / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            h, w = (int(v) for v in rng.integers(20, 60, 2))
-            Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
-    return root
+    return write_photos(root, per_class, seed=1, sizes=(20, 60))
 
 
 def _open(m, cache, **kw):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from _files import write_photos  # tests/ is on sys.path under pytest
 from supcon.core.stop import Interrupted, StopFlag, stop_requested
 from supcon.data import store as store_mod
 from supcon.data.manifest import read_manifest
@@ -23,14 +23,7 @@ SIDE = 24
 
 
 def _photos(root: Path, per_class: int = 6) -> Path:
-    rng = np.random.default_rng(3)
-    for c in ("ant", "bee", "cow"):
-        for i in range(per_class):
-            path = root / c / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            h, w = (int(v) for v in rng.integers(30, 70, 2))
-            Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
-    return root
+    return write_photos(root, per_class, seed=3, sizes=(30, 70))
 
 
 def _counting_jobs(monkeypatch, stop: StopFlag | None = None, after: int = 0) -> list[int]:
